@@ -1,0 +1,165 @@
+"""Typed launchers: allocate outputs, pick a config, compute the grid, launch the kernels.
+
+Inputs are validated by the callers (fused_attn._checks) before anything here runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Iterator
+
+import torch
+import triton
+from triton.runtime.jit import JITFunction
+
+from fused_attn.kernels import attention as _kernels
+from fused_attn.kernels.configs import INTERPRETER_CONFIGS, AttentionConfigs, lookup
+
+_MAX_GRID = 2**31 - 1
+_config_override: contextvars.ContextVar[AttentionConfigs | None] = contextvars.ContextVar(
+    "fused_attn_config_override", default=None)
+
+
+def interpreting() -> bool:
+    """True when the kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_kernels._attn_fwd, JITFunction)
+
+
+@contextlib.contextmanager
+def override_configs(configs: AttentionConfigs) -> Iterator[None]:
+    """Launch every kernel inside the block with `configs` instead of the table's choice."""
+    token = _config_override.set(configs)
+    try:
+        yield
+    finally:
+        _config_override.reset(token)
+
+
+def check_device(t: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; say so otherwise."""
+    if t.device.type == "cuda":
+        if interpreting():
+            raise ValueError("q is a CUDA tensor but TRITON_INTERPRET=1 is set: the interpreter runs "
+                             "CPU tensors only; unset TRITON_INTERPRET or move q, k, v to the CPU")
+        return
+    if t.device.type == "cpu":
+        if not interpreting():
+            raise ValueError("q is a CPU tensor and the Triton interpreter is off: move q, k, v to a "
+                             "CUDA device, or set TRITON_INTERPRET=1 in the environment before "
+                             "importing triton or fused_attn to run the kernels on the CPU (slowly)")
+        return
+    raise ValueError(f"q is on device type '{t.device.type}'; fused_attn runs on 'cuda' "
+                     "(or 'cpu' under TRITON_INTERPRET=1)")
+
+
+def _select_configs(q: torch.Tensor, head_dim: int, head_dim_v: int) -> AttentionConfigs:
+    override = _config_override.get()
+    if override is not None:
+        return override
+    if interpreting():
+        return INTERPRETER_CONFIGS
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return lookup(major * 10 + minor, max(head_dim, head_dim_v), q.element_size())
+
+
+def _padded(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _kernel_flags(q: torch.Tensor) -> dict[str, object]:
+    if q.dtype == torch.float32:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and q.is_cuda else "ieee"
+    else:
+        precision = "tf32"  # ignored by tl.dot for 16-bit operands
+    return {"DOT_UPCAST": interpreting() and q.dtype == torch.bfloat16, "INPUT_PRECISION": precision}
+
+
+def _empty_like_layout(ref: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Allocate (B, H, S, D); when `ref` is a (B, S, H, D) tensor seen through .transpose(1, 2),
+    keep that layout so the caller can transpose back without a copy."""
+    batch, heads, seq, dim = shape
+    if ref.stride(1) < ref.stride(2) and heads > 1 and seq > 1:
+        return torch.empty((batch, seq, heads, dim), dtype=dtype, device=ref.device).transpose(1, 2)
+    return torch.empty(shape, dtype=dtype, device=ref.device)
+
+
+def _grid(programs: int) -> tuple[int]:
+    if programs > _MAX_GRID:
+        raise ValueError(f"the problem needs {programs} programs, more than one launch allows ({_MAX_GRID})")
+    return (programs,)
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32, natural log."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    o = _empty_like_layout(q, (batch, heads_q, seq_q, head_dim_v), q.dtype)
+    lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    if seq_k == 0:  # no key at all: every row attends to nothing
+        return o.zero_(), lse.fill_(-math.inf)
+    cfg = _select_configs(q, head_dim, head_dim_v).forward
+    block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
+    _kernels._attn_fwd[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
+        q, k, v, o, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+        heads_q, heads_q // heads_kv, seq_q, seq_k, head_dim, head_dim_v, scale * math.log2(math.e),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        CAUSAL=causal, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
+    )
+    return o, lse
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       o: torch.Tensor, lse: torch.Tensor, causal: bool,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv with the shapes, dtypes and layouts of q, k, v. Deterministic: no atomics."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq = _empty_like_layout(q, tuple(q.shape), q.dtype)
+    dk = _empty_like_layout(k, tuple(k.shape), k.dtype)
+    dv = _empty_like_layout(v, tuple(v.shape), v.dtype)
+    if seq_q == 0 or seq_k == 0 or batch == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    configs = _select_configs(q, head_dim, head_dim_v)
+    block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
+    flags = _kernel_flags(q)
+    qk_scale_log2 = scale * math.log2(math.e)
+
+    delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    pre_block = 64 if block_dv <= 128 else 32
+    _kernels._attn_bwd_preprocess[_grid(triton.cdiv(seq_q, pre_block) * batch * heads_q)](
+        o, do, delta, *_strides3(o), *_strides3(do), heads_q, seq_q, head_dim_v,
+        BLOCK_M=pre_block, BLOCK_DV=block_dv,
+    )
+
+    cfg = configs.backward_dkdv
+    _kernels._attn_bwd_dkdv[_grid(triton.cdiv(seq_k, cfg.block_n) * batch * heads_kv)](
+        q, k, v, do, lse, delta, dk, dv,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
+        heads_q, heads_kv, heads_q // heads_kv, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )
+
+    cfg = configs.backward_dq
+    _kernels._attn_bwd_dq[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
+        q, k, v, do, lse, delta, dq,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
+        heads_q, heads_q // heads_kv, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )
+    return dq, dk, dv

@@ -1,0 +1,58 @@
+"""Public functional entry point."""
+from __future__ import annotations
+
+import torch
+
+from fused_attn._checks import check_attention_inputs
+from fused_attn._function import FusedAttentionFunction
+from fused_attn._launch import check_device
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None, return_lse: bool = False
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention softmax(q k^T * scale) v, computed tile by tile without the S x S matrix.
+
+    Args:
+        q: (B, Hq, Sq, D) queries.
+        k: (B, Hkv, Sk, D) keys; Hq must be a multiple of Hkv (GQA/MQA, k is never expanded).
+        v: (B, Hkv, Sk, Dv) values.
+        causal: mask aligned bottom-right, as in FlashAttention-2: query i sees key j when
+            j <= i + Sk - Sq. With Sq = 3, Sk = 5 (x = visible)::
+
+                k: 0 1 2 3 4
+                q0 x x x . .
+                q1 x x x x .
+                q2 x x x x x
+
+            and with Sq = 5, Sk = 3 the first two rows see no key; they return zeros and
+            an lse of -inf::
+
+                k: 0 1 2
+                q0 . . .
+                q1 . . .
+                q2 x . .
+                q3 x x .
+                q4 x x x
+
+            Note that torch's `scaled_dot_product_attention(is_causal=True)` aligns top-left;
+            the two agree only when Sq == Sk.
+        scale: multiplies q k^T; defaults to 1 / sqrt(D).
+        return_lse: also return the natural-log softmax denominator.
+
+    Returns:
+        o (B, Hq, Sq, Dv) in the inputs' dtype, and with return_lse also lse (B, Hq, Sq) float32.
+
+    D and Dv may be any size from 1 to 256. Inputs may have any strides as long as the last one
+    is 1, so a (B, S, H, D) tensor passed as ``x.transpose(1, 2)`` runs without a copy.
+    Dtypes: float16, bfloat16, float32 (float32 matmuls use TF32 when
+    ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's do). Gradients flow to q, k, v.
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    scale = check_attention_inputs(q, k, v, scale)
+    check_device(q)
+    o, lse = FusedAttentionFunction.apply(q, k, v, causal, scale)
+    return (o, lse) if return_lse else o
