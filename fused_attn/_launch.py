@@ -72,7 +72,7 @@ def _kernel_flags(q: torch.Tensor) -> dict[str, object]:
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and q.is_cuda else "ieee"
     else:
         precision = "tf32"  # ignored by tl.dot for 16-bit operands
-    return {"DOT_UPCAST": interpreting() and q.dtype == torch.bfloat16, "INPUT_PRECISION": precision}
+    return {"EMULATE_BF16": interpreting() and q.dtype == torch.bfloat16, "INPUT_PRECISION": precision}
 
 
 def _empty_like_layout(ref: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:

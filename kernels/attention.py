@@ -23,12 +23,24 @@ LN2: tl.constexpr = 0.6931471805599453
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # The interpreter multiplies raw bf16 bit patterns; DOT_UPCAST is set only there.
-    if DOT_UPCAST:
+def _dot(a, b, acc, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # The interpreter multiplies raw bf16 bit patterns; EMULATE_BF16 is set only there.
+    if EMULATE_BF16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """x (float32) -> dtype, rounding to nearest even as the GPU does. The interpreter truncates
+    float32 -> bfloat16, so there the rounding is done on the bits first."""
+    if EMULATE_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -53,7 +65,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                     seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-                    DOT_UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     k_offsets = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offsets = offs_n[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(tile_start, tile_end, BLOCK_N):
@@ -67,7 +79,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
         qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
-                  DOT_UPCAST, INPUT_PRECISION) * qk_scale_log2
+                  EMULATE_BF16, INPUT_PRECISION) * qk_scale_log2
         if MASKED:
             visible = cols[None, :] < seq_k
             if CAUSAL:
@@ -90,7 +102,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc, DOT_UPCAST, INPUT_PRECISION)
+        acc = _dot(_cast(p, v.dtype, EMULATE_BF16), v, acc, EMULATE_BF16, INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -105,7 +117,7 @@ def _attn_fwd(
     num_heads_q, group_size, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program computes one BLOCK_M tile of queries of one (batch, query head)."""
     pid = tl.program_id(0)
@@ -140,11 +152,11 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
         0, unmasked_end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, DOT_UPCAST, INPUT_PRECISION)
+        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
         unmasked_end, end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, DOT_UPCAST, INPUT_PRECISION)
+        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
 
     # A row with no visible key has l = 0: its output is 0 and its lse is -inf, never NaN.
     has_key = l_i > 0.0
@@ -152,7 +164,7 @@ def _attn_fwd(
     out = acc / l_safe[:, None]
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
 
-    tl.store(o_base + offs_tile_m[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
+    tl.store(o_base + offs_tile_m[:, None] * stride_om + offs_dv[None, :], _cast(out, O.dtype.element_ty, EMULATE_BF16),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     tl.store(LSE + batch_head.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
 
@@ -189,7 +201,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
                          head_dim, head_dim_v, qk_scale_log2,
                          BLOCK_M: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                          EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-                         DOT_UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dK and dV of one key tile over query tiles [tile_start, tile_end)."""
     offs_tile_m = tl.arange(0, BLOCK_M)
     q_offsets = offs_tile_m[:, None] * stride_qm + offs_d[None, :]
@@ -216,16 +228,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         qk_t = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32),
-                    DOT_UPCAST, INPUT_PRECISION) * qk_scale_log2
+                    EMULATE_BF16, INPUT_PRECISION) * qk_scale_log2
         p_t = tl.math.exp2(qk_t - (lse * LOG2E)[None, :])
         if CAUSAL_MASK:
             # Selecting after exp2 also zeroes rows whose lse is -inf (they see no key at all).
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (seq_k - seq_q), p_t, 0.0)
-        dv = _dot(p_t.to(do.dtype), do, dv, DOT_UPCAST, INPUT_PRECISION)
+        dv = _dot(_cast(p_t, do.dtype, EMULATE_BF16), do, dv, EMULATE_BF16, INPUT_PRECISION)
         dp_t = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32),
-                    DOT_UPCAST, INPUT_PRECISION)
+                    EMULATE_BF16, INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_UPCAST, INPUT_PRECISION)
+        dk = _dot(_cast(ds_t, q.dtype, EMULATE_BF16), q, dk, EMULATE_BF16, INPUT_PRECISION)
     return dk, dv
 
 
@@ -241,7 +253,7 @@ def _attn_bwd_dkdv(
     num_heads_q, num_heads_kv, group_size, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program owns one BLOCK_N tile of keys of one (batch, k/v head) and sums the
     contributions of every query head of its group: no atomics, so results are deterministic."""
@@ -290,15 +302,15 @@ def _attn_bwd_dkdv(
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                 offs_n, offs_d, offs_dv, first, diagonal_end, seq_q, seq_k, head_dim, head_dim_v,
-                qk_scale_log2, BLOCK_M, True, True, EVEN_D, EVEN_DV, DOT_UPCAST, INPUT_PRECISION)
+                qk_scale_log2, BLOCK_M, True, True, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
             offs_n, offs_d, offs_dv, unmasked_start, full_end, seq_q, seq_k, head_dim, head_dim_v,
-            qk_scale_log2, BLOCK_M, False, False, EVEN_D, EVEN_DV, DOT_UPCAST, INPUT_PRECISION)
+            qk_scale_log2, BLOCK_M, False, False, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
             offs_n, offs_d, offs_dv, tail_start, seq_q, seq_q, seq_k, head_dim, head_dim_v,
-            qk_scale_log2, BLOCK_M, True, False, EVEN_D, EVEN_DV, DOT_UPCAST, INPUT_PRECISION)
+            qk_scale_log2, BLOCK_M, True, False, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
 
     dk = dk * scale
     store_k = col_ok[:, None] & (offs_d[None, :] < head_dim)
@@ -306,9 +318,9 @@ def _attn_bwd_dkdv(
     dk_base = DK + batch.to(tl.int64) * stride_dkb + head_kv.to(tl.int64) * stride_dkh
     dv_base = DV + batch.to(tl.int64) * stride_dvb + head_kv.to(tl.int64) * stride_dvh
     tl.store(dk_base + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=store_k)
+             _cast(dk, DK.dtype.element_ty, EMULATE_BF16), mask=store_k)
     tl.store(dv_base + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=store_v)
+             _cast(dv, DV.dtype.element_ty, EMULATE_BF16), mask=store_v)
 
 
 @triton.jit
@@ -317,7 +329,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, st
                        head_dim, head_dim_v, qk_scale_log2,
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                        EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-                       DOT_UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     k_offsets = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offsets = offs_n[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(tile_start, tile_end, BLOCK_N):
@@ -334,7 +346,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, st
             k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
         qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
-                  DOT_UPCAST, INPUT_PRECISION) * qk_scale_log2
+                  EMULATE_BF16, INPUT_PRECISION) * qk_scale_log2
         p = tl.math.exp2(qk - lse_log2[:, None])
         if MASKED:
             visible = cols[None, :] < seq_k
@@ -342,9 +354,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, st
                 visible = visible & (cols[None, :] <= offs_m[:, None] + (seq_k - seq_q))
             p = tl.where(visible, p, 0.0)
         dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
-                  DOT_UPCAST, INPUT_PRECISION)
+                  EMULATE_BF16, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, DOT_UPCAST, INPUT_PRECISION)
+        dq = _dot(_cast(ds, k.dtype, EMULATE_BF16), k, dq, EMULATE_BF16, INPUT_PRECISION)
     return dq
 
 
@@ -359,7 +371,7 @@ def _attn_bwd_dq(
     num_heads_q, group_size, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program computes dQ for one BLOCK_M tile of queries of one (batch, query head)."""
     pid = tl.program_id(0)
@@ -393,13 +405,13 @@ def _attn_bwd_dq(
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
         0, unmasked_end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, DOT_UPCAST, INPUT_PRECISION)
+        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
         unmasked_end, end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, DOT_UPCAST, INPUT_PRECISION)
+        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
 
     dq = dq * scale
     dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
-    tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], _cast(dq, DQ.dtype.element_ty, EMULATE_BF16),
              mask=row_ok[:, None] & (offs_d[None, :] < head_dim))

@@ -1,0 +1,64 @@
+"""Test set-up: without a GPU the Triton kernels run on CPU tensors through the interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported (it is read when @triton.jit
+decorates), so this runs before anything imports fused_attn.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before the interpreter could be enabled"
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+def pytest_configure(config):
+    # Workers (pytest-xdist) inherit this and append their ratios; the controller sums them up.
+    if not hasattr(config, "workerinput") and "FUSED_ATTN_RATIO_LOG" not in os.environ:
+        fd, path = tempfile.mkstemp(prefix="fused_attn_ratios_", suffix=".jsonl")
+        os.close(fd)
+        os.environ["FUSED_ATTN_RATIO_LOG"] = path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; the CPU twin runs the same checks at small sizes")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Worst kernel-error / PyTorch-error ratio seen per dtype and quantity over the whole run."""
+    path = os.environ.get("FUSED_ATTN_RATIO_LOG")
+    if hasattr(config, "workerinput") or not path or not os.path.exists(path):
+        return
+    worst: dict[tuple[str, str], float] = {}
+    count = 0
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            key = (row["dtype"], row["name"])
+            worst[key] = max(worst.get(key, 0.0), row["ratio"])
+            count += 1
+    os.unlink(path)
+    if not worst:
+        return
+    terminalreporter.section("fused_attn: worst kernel error / same-dtype PyTorch error")
+    terminalreporter.write_line(f"{count} comparisons against the float64 reference")
+    for (dtype, name), ratio in sorted(worst.items()):
+        terminalreporter.write_line(f"{dtype:>9} {name:>4}: {ratio:.3f}")
