@@ -146,3 +146,33 @@ def test_empty_inputs(shape: tuple[int, ...], device: str) -> None:
     dq, dk, dv = torch.autograd.grad(o.float().sum(), (q, k, v))
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert all(torch.all(g == 0) for g in (dq, dk, dv))
+
+
+def _sparse_strided(shape: tuple[int, int, int, int], batch_stride: int, gen: torch.Generator,
+                    device: str) -> torch.Tensor:
+    """A (B, H, S, D) view whose batches lie batch_stride elements apart in one huge buffer.
+    Only the pages that hold values are ever touched, so the buffer costs address space, not RAM."""
+    b, h, s, d = shape
+    storage = torch.empty(batch_stride * (b - 1) + h * s * d, dtype=torch.float16, device=device)
+    view = storage.as_strided(shape, (batch_stride, s * d, d, 1))
+    view.copy_(torch.randn(shape, generator=gen).to(torch.float16))
+    return view
+
+
+def test_offsets_past_2_31_elements(device: str) -> None:
+    """CPU twin of the GPU test with > 2**31 elements: batch 2 starts 2**31 + 128 elements in,
+    while each stride fits in 32 bits, so any 32-bit offset product would wrap."""
+    gen = torch.Generator().manual_seed(3)
+    batch_stride = 2**30 + 64
+    q, k, v = (_sparse_strided((3, 2, 20, 16), batch_stride, gen, device) for _ in range(3))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    do = torch.randn(3, 2, 20, 16, generator=gen).to(device=device, dtype=torch.float16)
+    o = fused_attn.attention(*leaves, causal=True)
+    grads = torch.autograd.grad(o, leaves, do)
+    small = [t.detach().contiguous() for t in (q, k, v)]
+    golden_leaves = [t.double().requires_grad_() for t in small]
+    golden = fused_attn.reference.attention(*golden_leaves, causal=True)
+    golden_grads = torch.autograd.grad(golden, golden_leaves, do.double())
+    assert (o.double() - golden).abs().max().item() < 2e-3
+    for got, want in zip(grads, golden_grads):
+        assert (got.double() - want).abs().max().item() < 1e-2
