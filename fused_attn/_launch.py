@@ -14,7 +14,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 from fused_attn.kernels import attention as _kernels
-from fused_attn.kernels.configs import INTERPRETER_CONFIGS, AttentionConfigs, lookup
+from fused_attn.kernels.configs import INTERPRETER_CONFIGS, AttentionConfigs, lookup, preprocess_block_m
 
 _MAX_GRID = 2**31 - 1
 _config_override: contextvars.ContextVar[AttentionConfigs | None] = contextvars.ContextVar(
@@ -84,6 +84,28 @@ def _empty_like_layout(ref: torch.Tensor, shape: tuple[int, int, int, int], dtyp
     return torch.empty(shape, dtype=dtype, device=ref.device)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its head dim, strides and address allow 16-element vector loads, else a
+    zero-padded copy with the head dim rounded up to a multiple of 16.
+
+    Every shipped config is compiled (and checked for spills) for aligned inputs only: with an odd
+    head dim each load becomes a masked scalar load that keeps a 64-bit address per element, and
+    the kernels spill. Zero columns change neither q k^T nor the kept columns of p v, so the copy
+    is exact; FlashAttention-2 pads head dims the same way. Common head dims (64, 128) and their
+    (B, S, H, D) views need no copy."""
+    dim = t.shape[-1]
+    strides_ok = all(stride % 16 == 0 for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1)
+    if dim % 16 == 0 and strides_ok and t.data_ptr() % 16 == 0:
+        return t
+    padded = t.new_zeros(*t.shape[:-1], _round_up(dim, 16))
+    padded[..., :dim] = t
+    return padded
+
+
 def _grid(programs: int) -> tuple[int]:
     if programs > _MAX_GRID:
         raise ValueError(f"the problem needs {programs} programs, more than one launch allows ({_MAX_GRID})")
@@ -91,20 +113,23 @@ def _grid(programs: int) -> tuple[int]:
 
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+    # A dimension of size 1 is only ever indexed at 0: report stride 0 so an arbitrary stride
+    # there does not select a kernel specialization for unaligned strides.
+    return tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(3))  # type: ignore[return-value]
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32, natural log."""
-    batch, heads_q, seq_q, head_dim = q.shape
-    heads_kv, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    o = _empty_like_layout(q, (batch, heads_q, seq_q, head_dim_v), q.dtype)
+    batch, heads_q, seq_q, _ = q.shape
+    heads_kv, seq_k, head_dim_v_out = k.shape[1], k.shape[2], v.shape[3]
     lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    if o.numel() == 0:
-        return o, lse
-    if seq_k == 0:  # no key at all: every row attends to nothing
-        return o.zero_(), lse.fill_(-math.inf)
+    if batch * heads_q * seq_q == 0 or seq_k == 0:
+        o = _empty_like_layout(q, (batch, heads_q, seq_q, head_dim_v_out), q.dtype)
+        return o.zero_(), lse.fill_(-math.inf)  # no key at all: every row attends to nothing
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    head_dim, head_dim_v = q.shape[3], v.shape[3]
+    o = _empty_like_layout(q, (batch, heads_q, seq_q, head_dim_v), q.dtype)
     cfg = _select_configs(q, head_dim, head_dim_v).forward
     block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
     _kernels._attn_fwd[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
@@ -115,29 +140,31 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
         CAUSAL=causal, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
     )
-    return o, lse
+    return o[..., :head_dim_v_out], lse
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        o: torch.Tensor, lse: torch.Tensor, causal: bool,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv with the shapes, dtypes and layouts of q, k, v. Deterministic: no atomics."""
-    batch, heads_q, seq_q, head_dim = q.shape
-    heads_kv, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    batch, heads_q, seq_q, head_dim_out = q.shape
+    heads_kv, seq_k, head_dim_v_out = k.shape[1], k.shape[2], v.shape[3]
+    if batch * heads_q * seq_q == 0 or seq_k == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if do.stride(-1) != 1:
         do = do.contiguous()
+    q, k, v, o, do = _aligned(q), _aligned(k), _aligned(v), _aligned(o), _aligned(do)
+    head_dim, head_dim_v = q.shape[3], v.shape[3]
     dq = _empty_like_layout(q, tuple(q.shape), q.dtype)
     dk = _empty_like_layout(k, tuple(k.shape), k.dtype)
     dv = _empty_like_layout(v, tuple(v.shape), v.dtype)
-    if seq_q == 0 or seq_k == 0 or batch == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
     configs = _select_configs(q, head_dim, head_dim_v)
     block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
     flags = _kernel_flags(q)
     qk_scale_log2 = scale * math.log2(math.e)
 
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    pre_block = 64 if block_dv <= 128 else 32
+    pre_block = preprocess_block_m(block_dv, q.element_size())
     _kernels._attn_bwd_preprocess[_grid(triton.cdiv(seq_q, pre_block) * batch * heads_q)](
         o, do, delta, *_strides3(o), *_strides3(do), heads_q, seq_q, head_dim_v,
         BLOCK_M=pre_block, BLOCK_DV=block_dv,
@@ -162,4 +189,4 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
-    return dq, dk, dv
+    return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out]

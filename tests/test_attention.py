@@ -176,3 +176,14 @@ def test_offsets_past_2_31_elements(device: str) -> None:
     assert (o.double() - golden).abs().max().item() < 2e-3
     for got, want in zip(grads, golden_grads):
         assert (got.double() - want).abs().max().item() < 1e-2
+
+
+def test_aligned_inputs_are_used_in_place_and_odd_ones_padded(device: str) -> None:
+    from fused_attn._launch import _aligned
+
+    q, _, _, _ = make_inputs(Case(2, 4, 4, 33, 33, 64, 64, False, torch.float16, "bshd"), device)
+    assert _aligned(q) is q  # a (B, S, H, 64) view: vector loads work, no copy
+    odd, _, _, _ = make_inputs(Case(2, 4, 4, 33, 33, 40, 40, False, torch.float16, "sliced"), device)
+    padded = _aligned(odd)
+    assert padded.shape == (2, 4, 33, 48) and padded.is_contiguous()
+    assert torch.equal(padded[..., :40], odd) and torch.all(padded[..., 40:] == 0)
