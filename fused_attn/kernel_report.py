@@ -16,8 +16,14 @@ and checks: the kernel compiles, spills nothing, fits the card's shared memory, 
 capability 90 the fp16/bf16 forward, dK/dV and dQ kernels use HGMMA (the preprocess kernel has
 no dot). The kernels must be real `triton.JITFunction`s: run with TRITON_INTERPRET unset or 0.
 
+The default variant is the worst case the launcher accepts: a head dim that is neither a power of
+two nor a multiple of 16 (e.g. 59 or 111), so nothing but the 16-byte alignment of the tensors is
+known and every load is a masked scalar load. `--variant aligned` compiles the common case instead
+(head dims and strides multiples of 16 elements, as Triton specializes them at launch).
+
     python -m fused_attn.kernel_report                 # markdown table; exit 1 if a check fails
     python -m fused_attn.kernel_report --json out.json # also write every row as JSON
+    python -m fused_attn.kernel_report --kernel-module my_patched_attention  # try a kernel change
 
 Exit status: 0 all checks pass, 1 some check failed, 3 the environment cannot compile
 (interpreter on, or Triton's NVIDIA backend tools missing).
@@ -40,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fused_attn.kernels.configs import AttentionConfigs, KernelConfig, all_configs
+from fused_attn.kernels.configs import KNOWN_SPILLS, AttentionConfigs, KernelConfig, all_configs, preprocess_block_m
 
 SHARED_MEMORY_LIMITS: dict[int, int] = {80: 166_912, 90: 232_448}
 """Largest shared memory one block may use, in bytes (A100: 163 KiB, H100/H200: 227 KiB)."""
@@ -49,20 +55,19 @@ KERNELS: tuple[str, ...] = ("fwd", "preprocess", "dkdv", "dq")
 _KERNEL_FUNCTIONS = {"fwd": "_attn_fwd", "preprocess": "_attn_bwd_preprocess",
                      "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
 DTYPES_BY_ELEMENT_SIZE: dict[int, tuple[str, ...]] = {2: ("fp16", "bf16"), 4: ("fp32",)}
+_ELEMENT_SIZES = {dtype: size for size, dtypes in DTYPES_BY_ELEMENT_SIZE.items() for dtype in dtypes}
 _POINTER_ARGS_FP32 = ("LSE", "DELTA")  # always float32, whatever q's dtype
 _FLOAT_ARGS = ("qk_scale_log2", "scale")
 _PREPROCESS_NUM_WARPS = 4  # fused_attn/_launch.py passes none: Triton's default
 
 ENV_ERROR_EXIT = 3
+DEFAULT_KERNEL_MODULE = "fused_attn.kernels.attention"
+VARIANTS: tuple[str, ...] = ("aligned", "unaligned")
+DEFAULT_VARIANT = "aligned"
 
 
 class ReportEnvironmentError(RuntimeError):
     """The kernels cannot be compiled for a GPU target in this process."""
-
-
-def preprocess_block_m(block_dv: int) -> int:
-    """BLOCK_M of `_attn_bwd_preprocess`, as chosen in fused_attn/_launch.py."""
-    return 64 if block_dv <= 128 else 32
 
 
 def nvidia_tool(name: str) -> Path | None:
@@ -85,7 +90,13 @@ def _interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def check_environment() -> None:
+def _kernel_module(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def check_environment(kernel_module: str = DEFAULT_KERNEL_MODULE) -> None:
     """Raise ReportEnvironmentError with the fix when the report cannot run here."""
     if _interpreter_requested():
         raise ReportEnvironmentError(
@@ -94,13 +105,12 @@ def check_environment() -> None:
             "(or TRITON_INTERPRET=0) in a fresh process.")
     from triton.runtime.jit import JITFunction
 
-    from fused_attn.kernels import attention
-
+    module = _kernel_module(kernel_module)
     for name in _KERNEL_FUNCTIONS.values():
-        if not isinstance(getattr(attention, name), JITFunction):
+        if not isinstance(getattr(module, name, None), JITFunction):
             raise ReportEnvironmentError(
-                f"fused_attn.kernels.attention.{name} is not a triton JITFunction: the module was "
-                "imported with TRITON_INTERPRET=1 in this process. Run the report in a fresh process "
+                f"{kernel_module}.{name} is not a triton JITFunction (missing, or the module was "
+                "imported with TRITON_INTERPRET=1 in this process). Run the report in a fresh process "
                 "without TRITON_INTERPRET.")
     for tool in ("ptxas", "cuobjdump"):
         if nvidia_tool(tool) is None:
@@ -122,6 +132,7 @@ class CompileJob:
     num_warps: int
     num_stages: int | None  # None: Triton's default (the preprocess launch passes none)
     input_precision: str
+    variant: str = DEFAULT_VARIANT  # one of VARIANTS
 
     @property
     def needs_hgmma(self) -> bool:
@@ -151,8 +162,8 @@ class KernelReport:
 
     @property
     def spills(self) -> int:
-        """Non-zero when registers spill: STACK/LOCAL bytes plus LDL/STL instructions."""
-        return (self.stack_bytes or 0) + (self.local_bytes or 0) + (self.spill_instructions or 0)
+        """Bytes of spilled registers per thread: cuobjdump's STACK + LOCAL."""
+        return (self.stack_bytes or 0) + (self.local_bytes or 0)
 
     @property
     def total_shared(self) -> int:
@@ -182,27 +193,30 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "seconds": round(self.seconds, 2), "triton_version": self.triton_version,
+                "variant": self.rows[0].job.variant if self.rows else None,
                 "shared_memory_limits": SHARED_MEMORY_LIMITS, "rows": [row.as_dict() for row in self.rows]}
 
 
 def _kernel_jobs(capability: int, head_dim: int, dtype: str, configs: AttentionConfigs,
-                 input_precision: str) -> list[CompileJob]:
+                 input_precision: str, variant: str) -> list[CompileJob]:
     def job(kernel: str, cfg: KernelConfig) -> CompileJob:
         return CompileJob(capability, head_dim, dtype, kernel, cfg.block_m, cfg.block_n, cfg.num_warps,
-                          cfg.num_stages, input_precision)
+                          cfg.num_stages, input_precision, variant)
 
-    preprocess = CompileJob(capability, head_dim, dtype, "preprocess", preprocess_block_m(head_dim), None,
-                            _PREPROCESS_NUM_WARPS, None, input_precision)
+    preprocess = CompileJob(capability, head_dim, dtype, "preprocess", preprocess_block_m(head_dim, _ELEMENT_SIZES[dtype]), None,
+                            _PREPROCESS_NUM_WARPS, None, input_precision, variant)
     return [job("fwd", configs.forward), preprocess, job("dkdv", configs.backward_dkdv),
             job("dq", configs.backward_dq)]
 
 
 def build_jobs(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = None, *,
-               fp32_tf32: bool = True) -> list[CompileJob]:
+               fp32_tf32: bool = True, variant: str = DEFAULT_VARIANT) -> list[CompileJob]:
     """Every kernel to compile for `table` (default: the shipped configs).
 
     16-bit dtypes compile with input_precision 'tf32' (ignored for 16-bit dots); fp32 compiles with
     'ieee' (the launcher's default) and, with `fp32_tf32`, also 'tf32' (torch's allow_tf32 on)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     table = all_configs() if table is None else table
     jobs: list[CompileJob] = []
     for (capability, head_dim, element_size), configs in sorted(table.items()):
@@ -210,13 +224,15 @@ def build_jobs(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = N
             precisions = ("ieee", "tf32") if dtype == "fp32" and fp32_tf32 else (
                 ("ieee",) if dtype == "fp32" else ("tf32",))
             for precision in precisions:
-                jobs.extend(_kernel_jobs(capability, head_dim, dtype, configs, precision))
+                jobs.extend(_kernel_jobs(capability, head_dim, dtype, configs, precision, variant))
     return jobs
 
 
-def _signature(fn: Any, dtype: str) -> tuple[dict[str, str], dict[tuple[int, ...], list[list[Any]]]]:
-    """Types of every argument, as the launcher passes them, and 16-byte alignment of pointers
-    (what `JITFunction._pack_args` derives from torch tensors; ints get no divisibility hint)."""
+def _signature(fn: Any, dtype: str, variant: str = DEFAULT_VARIANT
+               ) -> tuple[dict[str, str], dict[tuple[int, ...], list[list[Any]]]]:
+    """Types of every argument, as the launcher passes them, and the divisibility hints that
+    `JITFunction._pack_args` derives at launch: 16-byte aligned pointers (torch allocations) and,
+    in the aligned variant, strides and head dims that are multiples of 16."""
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for index, param in enumerate(fn.params):
@@ -230,6 +246,8 @@ def _signature(fn: Any, dtype: str) -> tuple[dict[str, str], dict[tuple[int, ...
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:  # strides, head counts, lengths, head dims
             signature[name] = "i32"
+            if variant == "aligned" and name.startswith(("stride_", "head_dim")):
+                attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, attrs
 
 
@@ -269,17 +287,15 @@ def _count(pattern: str, sass: str) -> int:
     return len(re.findall(pattern, sass))
 
 
-def compile_one(job: CompileJob) -> KernelReport:
+def compile_one(job: CompileJob, kernel_module: str = DEFAULT_KERNEL_MODULE) -> KernelReport:
     """Compile one kernel for its target and read registers, spills, shared memory and MMA use."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fused_attn.kernels import attention
-
     report = KernelReport(job=job, shared_limit=SHARED_MEMORY_LIMITS[job.capability])
-    fn = getattr(attention, _KERNEL_FUNCTIONS[job.kernel])
-    signature, attrs = _signature(fn, job.dtype)
+    fn = getattr(_kernel_module(kernel_module), _KERNEL_FUNCTIONS[job.kernel])
+    signature, attrs = _signature(fn, job.dtype, job.variant)
     options: dict[str, Any] = {"num_warps": job.num_warps}
     if job.num_stages is not None:
         options["num_stages"] = job.num_stages
@@ -287,8 +303,8 @@ def compile_one(job: CompileJob) -> KernelReport:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=_constexprs(fn, job), attrs=attrs),
-                                      target=GPUTarget("cuda", job.capability, 32), options=options)
+            source = ASTSource(fn=fn, signature=signature, constexprs=_constexprs(fn, job), attrs=attrs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", job.capability, 32), options=options)
     except Exception as exc:  # noqa: BLE001 - any compile failure is a failed row, not a crash
         report.compile_seconds = time.perf_counter() - start
         report.error = _summarize_error(exc)
@@ -303,10 +319,14 @@ def compile_one(job: CompileJob) -> KernelReport:
     with tempfile.TemporaryDirectory(prefix="fused_attn_report_") as tmp:
         cubin = Path(tmp) / f"{fn.__name__}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([str(cuobjdump), "--dump-sass", str(cubin)],
-                              capture_output=True, text=True, check=True).stdout
+        try:
+            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)],
+                                   capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run([str(cuobjdump), "--dump-sass", str(cubin)],
+                                  capture_output=True, text=True, check=True).stdout
+        except subprocess.CalledProcessError as exc:
+            report.failures.append(f"cuobjdump failed ({exc.returncode}): {exc.stderr.strip()[:200]}")
+            return report
     match = _RESOURCE_RE.search(usage)
     if match is None:
         report.failures.append(f"cannot parse cuobjdump resource usage: {usage.strip()[:200]}")
@@ -317,7 +337,7 @@ def compile_one(job: CompileJob) -> KernelReport:
     report.hmma = _count(r"\bHMMA\b", sass)
     report.mufu_ex2 = _count(r"\bMUFU\.EX2\b", sass)
 
-    if report.spills:
+    if report.spills or report.spill_instructions:
         report.failures.append(f"spills registers (STACK {report.stack_bytes}, LOCAL {report.local_bytes}, "
                                f"{report.spill_instructions} LDL/STL)")
     if report.total_shared > report.shared_limit:
@@ -329,16 +349,26 @@ def compile_one(job: CompileJob) -> KernelReport:
 
 
 def _summarize_error(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    where = next((line for line in lines if line.startswith("at ")), "")
-    message = lines[-1] if lines else ""
-    text = f"{type(exc).__name__} {where}: {message}" if where else f"{type(exc).__name__}: {message}"
-    return text[:500]
+    """`Type at line:col: first sentence` of the innermost error of a compiler error chain."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    where = ""
+    for error in chain:  # the innermost location wins
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        match = re.match(r"at (\d+:\d+)", first_line)
+        if match:
+            where = match.group(1)
+    root = chain[-1]
+    lines = [line.strip() for line in str(root).splitlines() if set(line.strip()) - set("^~ ")]
+    message = re.split(r"(?<=\.)\s", lines[-1], maxsplit=1)[0] if lines else ""
+    return f"{type(root).__name__}{' at ' + where if where else ''}: {message}"[:300]
 
 
-def _worker_init(cache_dir: str | None) -> None:
-    if cache_dir is not None:
-        os.environ["TRITON_CACHE_DIR"] = cache_dir
+def _worker_init(cache_dir: str) -> None:
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 
@@ -348,17 +378,32 @@ def _cost(job: CompileJob) -> int:
 
 
 def run_report(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = None, *, workers: int = 2,
-               fp32_tf32: bool = True, cache_dir: str | None = None) -> Report:
+               fp32_tf32: bool = True, variant: str = DEFAULT_VARIANT, cache_dir: str | None = None,
+               kernel_module: str = DEFAULT_KERNEL_MODULE) -> Report:
     """Compile every kernel of `table` (default: the shipped configs) and check each one.
 
-    `workers` processes compile in parallel (1: in this process). `cache_dir` overrides
-    TRITON_CACHE_DIR for the compiles (default: Triton's cache, so a rerun is fast).
+    `workers` processes compile in parallel (1: in this process). `variant` picks what the
+    compiler may assume about head dims and strides (see the module docstring). `cache_dir` is the
+    TRITON_CACHE_DIR of the compiles; by default a fresh temporary one, so nothing stale is reused.
+    `kernel_module` names a module with the four kernels, to check a patched copy.
     Raises ReportEnvironmentError when the kernels cannot be compiled here."""
     import triton
 
-    check_environment()
+    check_environment(kernel_module)
     start = time.perf_counter()
-    jobs = build_jobs(table, fp32_tf32=fp32_tf32)
+    jobs = build_jobs(table, fp32_tf32=fp32_tf32, variant=variant)
+    if cache_dir is None:
+        # A fresh cache: Triton's cache key ignores some settings that change the result (for
+        # example TRITON_ALLOW_NON_CONSTEXPR_GLOBALS), so a shared cache could report stale kernels.
+        with tempfile.TemporaryDirectory(prefix="fused_attn_kernel_report_") as fresh:
+            rows = _compile_all(jobs, workers, fresh, kernel_module)
+    else:
+        rows = _compile_all(jobs, workers, cache_dir, kernel_module)
+    return Report(rows=rows, seconds=time.perf_counter() - start, triton_version=triton.__version__)
+
+
+def _compile_all(jobs: Sequence[CompileJob], workers: int, cache_dir: str,
+                 kernel_module: str) -> list[KernelReport]:
     order = sorted(range(len(jobs)), key=lambda i: _cost(jobs[i]))
     results: dict[int, KernelReport] = {}
     if workers <= 1:
@@ -366,7 +411,7 @@ def run_report(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = N
         try:
             _worker_init(cache_dir)
             for i in order:
-                results[i] = compile_one(jobs[i])
+                results[i] = compile_one(jobs[i], kernel_module)
         finally:
             if saved_cache_dir is None:
                 os.environ.pop("TRITON_CACHE_DIR", None)
@@ -377,11 +422,10 @@ def run_report(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = N
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                                     initializer=_worker_init, initargs=(cache_dir,)) as pool:
-            futures = {pool.submit(compile_one, jobs[i]): i for i in order}
+            futures = {pool.submit(compile_one, jobs[i], kernel_module): i for i in order}
             for future in concurrent.futures.as_completed(futures):
                 results[futures[future]] = future.result()
-    return Report(rows=[results[i] for i in range(len(jobs))], seconds=time.perf_counter() - start,
-                  triton_version=triton.__version__)
+    return [results[i] for i in range(len(jobs))]
 
 
 def _cell(value: int | None) -> str:
@@ -397,7 +441,7 @@ def format_markdown(rows: Iterable[KernelReport]) -> str:
         job = row.job
         tile = f"{job.block_m} x {job.block_n}" if job.block_n is not None else f"{job.block_m}"
         spills = "-" if not row.compiled else (
-            "0" if not row.spills else f"{row.stack_bytes}/{row.local_bytes}/{row.spill_instructions}")
+            "0" if not (row.spills or row.spill_instructions) else f"{row.spills} B, {row.spill_instructions} LDL/STL")
         shared = "-" if not row.compiled else (
             str(row.shared) if not row.static_shared else f"{row.shared}+{row.static_shared}")
         status = "ok" if row.ok else "FAIL: " + "; ".join(row.failures).replace("|", "/")
@@ -416,16 +460,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compile processes (default: 2, or 1 on a single core)")
     parser.add_argument("--no-fp32-tf32", dest="fp32_tf32", action="store_false",
                         help="skip the fp32 variant with input_precision='tf32' (torch allow_tf32 on)")
-    parser.add_argument("--cache-dir", help="TRITON_CACHE_DIR for the compiles (default: Triton's own)")
+    parser.add_argument("--variant", choices=VARIANTS, default=DEFAULT_VARIANT,
+                        help="aligned (default): head dims and strides multiples of 16, all the launcher "
+                             "passes to the kernels; unaligned: head dims like 59 (diagnostic only)")
+    parser.add_argument("--cache-dir", help="TRITON_CACHE_DIR to compile into and reuse (default: a fresh "
+                                            "temporary directory, removed afterwards)")
+    parser.add_argument("--kernel-module", default=DEFAULT_KERNEL_MODULE,
+                        help=f"importable module holding the four kernels (default: {DEFAULT_KERNEL_MODULE})")
     args = parser.parse_args(argv)
     try:
-        report = run_report(workers=args.workers, fp32_tf32=args.fp32_tf32, cache_dir=args.cache_dir)
+        report = run_report(workers=args.workers, fp32_tf32=args.fp32_tf32, variant=args.variant,
+                            cache_dir=args.cache_dir, kernel_module=args.kernel_module)
     except ReportEnvironmentError as exc:
         print(f"kernel_report: {exc}", file=sys.stderr)
         return ENV_ERROR_EXIT
     print(format_markdown(report.rows))
     failed = [row for row in report.rows if not row.ok]
-    print(f"\n{len(report.rows)} kernels compiled for capabilities "
+    print(f"\n{len(report.rows)} kernels ({args.variant} head dims) compiled for capabilities "
           f"{sorted({row.job.capability for row in report.rows})} with Triton {report.triton_version} "
           f"in {report.seconds:.1f} s; {len(failed)} failed checks")
     if args.json:

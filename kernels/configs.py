@@ -35,8 +35,18 @@ CAPABILITIES = (80, 90)
 ELEMENT_SIZES = (2, 4)
 
 # Blocks must be multiples of 16 (tl.dot) and powers of two (tl.arange). For warpgroup MMA on
-# capability 90 the M side of every dot must be a multiple of 64 per 4 warps, which is why the
-# backward kernels keep block_n (the M side of the dK/dV dots) at 64 or more with 4 warps.
+# capability 90 the M side of every dot must be 64 per warpgroup: block_m for the forward and dQ
+# kernels, block_n for the dK/dV kernel (k @ q^T, p^T @ do, v @ do^T, ds^T @ q), so those stay >= 64.
+#
+# Every entry was picked with `python -m fused_attn.kernel_report` (Triton 3.9, ptxas 12.9 for
+# sm_80 and 13.x for sm_90): the largest tile, in the order FlashAttention-2 and the Triton tutorial
+# prefer, that spills nothing in the worst variant the launcher produces (causal, head dim with no
+# known alignment, e.g. 59, where every load is a masked scalar load holding a 64-bit address per
+# element). What limits the tiles is registers, not shared memory (at most 112 KB on A100, 161 KB
+# on H100).
+# Where no tile is spill-free in that variant (marked UNALIGNED SPILLS) the entry is the fastest
+# tile that is spill-free when head dims and strides are multiples of 16 (`--variant aligned`), the
+# case of every common head dim; see the kernel report for the numbers.
 _TABLE: dict[tuple[int, int, int], AttentionConfigs] = {}
 
 
@@ -44,23 +54,58 @@ def _fill_table() -> None:
     def cfg(m: int, n: int, w: int, s: int) -> KernelConfig:
         return KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
 
-    for cap in CAPABILITIES:
-        for d in HEAD_DIM_BUCKETS:
-            for size in ELEMENT_SIZES:
-                wide = size == 4
-                if d <= 64:
-                    fwd = cfg(128, 64, 4, 3 if not wide else 2)
-                    dkdv = cfg(32, 64, 4, 2)
-                    dq = cfg(64, 32, 4, 2)
-                elif d <= 128:
-                    fwd = cfg(128, 64 if not wide else 32, 8, 3 if cap >= 90 and not wide else 2)
-                    dkdv = cfg(32, 64, 4, 2)
-                    dq = cfg(64, 32, 4, 2)
-                else:
-                    fwd = cfg(64, 32, 4, 2)
-                    dkdv = cfg(16, 64, 8, 1 if wide else 2)
-                    dq = cfg(64, 16, 8, 1 if wide else 2)
-                _TABLE[(cap, d, size)] = AttentionConfigs(fwd, dkdv, dq)
+    # (forward, backward_dkdv, backward_dq) per head-dim bucket.
+    table: dict[tuple[int, int], dict[int, tuple[KernelConfig, KernelConfig, KernelConfig]]] = {
+        # fp16/bf16 on A100. Forward: 128-row tiles as in FlashAttention-2, 8 warps from D=64 on
+        # (4 warps spill the 128x64 accumulator + scores); 3 stages fit easily in 163 KB.
+        # dK/dV holds two fp32 accumulators of block_n x D: wide key tiles for small D, block_m 16
+        # and narrower key tiles as D grows. dQ: 128x32 like the tutorial while it fits.
+        (80, 2): {
+            16: (cfg(128, 64, 4, 3), cfg(32, 128, 8, 2), cfg(128, 32, 8, 2)),
+            32: (cfg(128, 64, 4, 3), cfg(32, 128, 8, 2), cfg(128, 32, 8, 2)),
+            64: (cfg(128, 64, 8, 3), cfg(16, 64, 8, 1), cfg(128, 32, 8, 2)),
+            128: (cfg(128, 64, 8, 3), cfg(16, 32, 8, 2), cfg(64, 16, 8, 2)),
+            # dK/dV: UNALIGNED SPILLS (16x16 x 8 warps: 10 B; 16x32: ~400 B), spill-free aligned.
+            256: (cfg(64, 16, 8, 2), cfg(16, 32, 8, 2), cfg(32, 16, 8, 2)),
+        },
+        # fp32 on A100, for both input_precision='ieee' (FMA dots: operands held whole in registers,
+        # so tiles are small and 8 warps spread them) and 'tf32' (mma). One stage: no pipelining
+        # buffers. The exact-fp32 path is a correctness path, not a fast one.
+        (80, 4): {
+            16: (cfg(64, 32, 4, 2), cfg(16, 32, 8, 1), cfg(64, 16, 8, 1)),
+            32: (cfg(64, 32, 8, 2), cfg(32, 32, 8, 1), cfg(64, 16, 8, 1)),
+            64: (cfg(64, 32, 8, 2), cfg(16, 16, 4, 1), cfg(64, 16, 8, 1)),
+            128: (cfg(32, 32, 8, 1), cfg(16, 32, 8, 1), cfg(64, 16, 8, 1)),
+            # dK/dV: UNALIGNED SPILLS (~190 B with ieee dots), spill-free aligned.
+            256: (cfg(16, 16, 8, 1), cfg(16, 32, 8, 1), cfg(16, 16, 8, 1)),
+        },
+        # fp16/bf16 on H100: block_m (fwd, dQ) and block_n (dK/dV) >= 64 for HGMMA. Forward 128x64 x
+        # 8 warps (two warpgroups of 64 rows), 3 stages; 128x128 spills. dK/dV 64 keys x 8 warps
+        # splits the two accumulators over two warpgroups.
+        (90, 2): {
+            16: (cfg(128, 64, 4, 3), cfg(32, 128, 8, 2), cfg(128, 32, 8, 2)),
+            32: (cfg(128, 64, 4, 3), cfg(32, 128, 8, 2), cfg(128, 32, 8, 2)),
+            64: (cfg(128, 64, 8, 3), cfg(64, 64, 8, 2), cfg(128, 32, 8, 2)),
+            # dK/dV: SPILLS in every HGMMA tile (least: 16x64 x 8 warps; ~40 B in the prologue when
+            # aligned, which ptxas 13 without Triton's --regAllocOptLevel=2 fits in 252 registers).
+            128: (cfg(128, 64, 8, 3), cfg(16, 64, 8, 1), cfg(64, 32, 8, 2)),
+            # Forward and dQ: UNALIGNED SPILLS, spill-free aligned. dK/dV: SPILLS in every HGMMA tile
+            # (two 64x256 fp32 accumulators are half the register file); needs a kernel change.
+            256: (cfg(64, 32, 8, 2), cfg(32, 64, 8, 2), cfg(128, 32, 8, 2)),
+        },
+        # fp32 on H100: as on A100 (HGMMA is not required for fp32; tf32 dots use it anyway).
+        (90, 4): {
+            16: (cfg(64, 32, 4, 2), cfg(16, 32, 8, 1), cfg(64, 16, 8, 1)),
+            32: (cfg(64, 32, 4, 2), cfg(16, 64, 8, 1), cfg(64, 16, 8, 1)),
+            64: (cfg(64, 16, 8, 1), cfg(16, 32, 8, 1), cfg(64, 16, 8, 1)),
+            128: (cfg(32, 32, 8, 1), cfg(32, 32, 8, 1), cfg(32, 16, 8, 1)),
+            256: (cfg(16, 16, 8, 1), cfg(16, 16, 8, 1), cfg(32, 16, 8, 1)),
+        },
+    }
+    for (cap, size), by_dim in table.items():
+        for d, (fwd, dkdv, dq) in by_dim.items():
+            _TABLE[(cap, d, size)] = AttentionConfigs(fwd, dkdv, dq)
+    assert {key[:2] for key in _TABLE} == {(c, d) for c in CAPABILITIES for d in HEAD_DIM_BUCKETS}
 
 
 _fill_table()
@@ -91,3 +136,11 @@ def lookup(capability: int, padded_head_dim: int, element_size: int) -> Attentio
 def all_configs() -> dict[tuple[int, int, int], AttentionConfigs]:
     """Every shipped (capability, head-dim bucket, element size) -> configs entry."""
     return dict(_TABLE)
+
+
+def preprocess_block_m(block_dv: int, element_size: int) -> int:
+    """Rows per program of the backward pre-pass (delta = rowsum(dO * O)), which has no dot."""
+    return 64 if block_dv * element_size <= 256 else 32
+
+
+KNOWN_SPILLS: dict[tuple[int, int, str], str] = {}
