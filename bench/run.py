@@ -1,133 +1,94 @@
-"""Microbenchmark: fused_attn side by side with torch SDPA and the naive reference.
+"""Benchmark: fused_attn side by side with torch SDPA (every backend), FlexAttention, the
+flash-attn package and the naive reference, in one run.
 
-With a CUDA GPU: forward and forward+backward TFLOP/s and peak memory at B * S = 16k tokens,
-H * D = 2048 (the FlashAttention papers' setting), each provider's ratio to fused_attn in the
-same run. Without one: the kernels run through the Triton interpreter at small sizes, are
-checked against the float64 reference, and the memory saved for backward is measured for
-each provider across sequence lengths (this does not depend on the device). Throughput
-needs a GPU and is not reported on CPU.
+With a CUDA GPU: forward, backward and forward+backward; causal and not; D 64 and 128; bf16
+and fp16; S = 512 to 32k at B*S = 16k tokens and H*D = 2048 (the FlashAttention-3 paper's
+setting), plus 64k and 128k for memory. Median time of `triton.testing.do_bench` over rotated
+inputs, TFLOP/s, peak memory above the inputs, bytes saved for backward, and every provider's
+speed relative to fused_attn in the same run.
 
-    python -m bench.run            # whatever this machine has
-    python -m bench.run --quick    # fewer sizes
+Without one: the kernels run through the Triton interpreter; they are checked against the float64
+reference at small sizes, and the memory that does not depend on the device (peak allocation and
+bytes saved for backward) is measured for fused_attn, the naive reference and SDPA's math backend
+across sequence lengths. Throughput needs a GPU and is not reported.
+
+Either way the rows are appended to a CSV under bench/results/ (with card, date and versions),
+PNG plots are made from it, and markdown tables go to stdout (a progress bar to stderr).
+
+    python -m bench.run                    # whatever this machine has
+    python -m bench.run --quick            # fewer sizes
+    python -m bench.run --out /tmp/b       # CSV and plots somewhere else
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available():  # before triton is imported, so fused_attn's kernels interpret
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch.nn.functional as F  # noqa: E402
-
 import fused_attn  # noqa: E402
+from bench import report  # noqa: E402
+from bench.measure import MODES  # noqa: E402
+from bench.providers import Case, providers_named  # noqa: E402
+from bench.runner import MEMORY_ONLY_SEQS, TIMED_SEQS, fa3_cases, run_cases  # noqa: E402
 from fused_attn import reference  # noqa: E402
 
-
-def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool,
-                    mode: str) -> float:
-    """4 * B * H * (visible pairs) * D for the forward; backward is 2.5x that."""
-    if causal:  # exact count of visible pairs under bottom-right alignment
-        pairs = sum(max(0, min(seq_k, i + 1 + seq_k - seq_q)) for i in range(seq_q))
-    else:
-        pairs = seq_q * seq_k
-    forward = 4.0 * batch * heads * pairs * head_dim
-    return {"fwd": forward, "bwd": 2.5 * forward, "fwd+bwd": 3.5 * forward}[mode]
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CPU_PROVIDERS = ["fused_attn", "naive", "sdpa_math", "sdpa_flash"]
+# Under the interpreter every tile iteration costs Python time, so the CPU run uses big tiles;
+# what is allocated does not depend on the tile size.
+_CPU_TILE = fused_attn.KernelConfig(512, 512, 4, 1)
+CPU_MEMORY_CONFIGS = fused_attn.AttentionConfigs(_CPU_TILE, _CPU_TILE, _CPU_TILE)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    # torch's is_causal is top-left aligned; with Sq == Sk (as here) it equals fused_attn's.
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes (GPU: S 1k/4k/16k, no 128k; CPU: S <= 2048)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV and plots (default bench/results)")
+    parser.add_argument("--no-save", action="store_true", help="print tables only; write no CSV or plots")
+    parser.add_argument("--providers", nargs="+", help="subset of providers (default: all)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16", "fp16"])
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 64])
+    parser.add_argument("--seqs", nargs="+", type=int, help="timed sequence lengths (default 512 to 32768)")
+    parser.add_argument("--memory-seqs", nargs="*", type=int, help="memory-only lengths (default 65536 131072)")
+    parser.add_argument("--warmup-ms", type=float, default=25.0)
+    parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--budget-s", type=float, help="stop measuring after this many seconds; "
+                        "the remaining cases are listed as skipped")
+    args = parser.parse_args(argv)
+    return args
 
 
-def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    return reference.attention(q, k, v, causal=causal)
+def run_gpu(args: argparse.Namespace) -> list[dict[str, object]]:
+    seqs = args.seqs or ([1024, 4096, 16384] if args.quick else list(TIMED_SEQS))
+    memory_seqs = args.memory_seqs if args.memory_seqs is not None else (
+        [65536] if args.quick else list(MEMORY_ONLY_SEQS))
+    cases = fa3_cases(modes=args.modes, dtypes=[DTYPES[d] for d in args.dtypes], head_dims=args.head_dims,
+                      seqs=seqs, memory_only_seqs=memory_seqs)
+    providers = providers_named(args.providers)
+    meta = report.run_metadata("cuda")
+    print(f"# fused_attn benchmark: {meta['device']}, {meta['date']}\n")
+    print(f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}. {len(cases)} cases x "
+          f"{len(providers)} providers; B*S = 16k tokens, H*D = 2048; median of do_bench over rotated inputs.\n",
+          flush=True)
+    rows = run_cases(cases, providers, "cuda", warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, budget_s=args.budget_s)
+    return _save_and_reload(args, meta, rows, prefix="gpu")
 
 
-def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    return fused_attn.attention(q, k, v, causal=causal)
-
-
-PROVIDERS = {"fused_attn": fused, "torch_sdpa": sdpa, "naive": naive}
-
-
-def saved_bytes(fn, q, k, v, causal: bool) -> int:
-    """Bytes of the tensors autograd keeps for backward (distinct storages counted once)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*leaves, causal)
-    inputs = {t.untyped_storage().data_ptr() for t in leaves}
-    return sum(n for ptr, n in storages.items() if ptr not in inputs)
-
-
-def run_gpu(quick: bool) -> None:
-    import triton.testing
-
-    props = torch.cuda.get_device_properties(0)
-    print(f"# fused_attn benchmark on {props.name}, torch {torch.__version__}, "
-          f"triton {__import__('triton').__version__}\n")
-    print("| mode | causal | D | seq | provider | ms | TFLOP/s | speed vs fused_attn | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    seqs = [1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
-    for head_dim in (64, 128):
-        heads = 2048 // head_dim
-        for causal in (False, True):
-            for mode in ("fwd", "fwd+bwd"):
-                for seq in seqs:
-                    batch = max(1, 16384 // seq)
-                    shape = (batch, heads, seq, head_dim)
-                    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                    do = torch.randn_like(q)
-                    flops = attention_flops(batch, heads, seq, seq, head_dim, causal, mode)
-                    times: dict[str, float] = {}
-                    for name, fn in PROVIDERS.items():
-                        if name == "naive" and seq > 4096:
-                            print(f"| {mode} | {causal} | {head_dim} | {seq} | {name} | skipped: S x S scores "
-                                  "would not fit | | | |")
-                            continue
-                        leaves = [t.requires_grad_(mode != "fwd") for t in (q, k, v)]
-
-                        def step() -> None:
-                            o = fn(*leaves, causal)
-                            if mode != "fwd":
-                                o.backward(do)
-
-                        try:
-                            torch.cuda.reset_peak_memory_stats()
-                            base = torch.cuda.memory_allocated()
-                            ms = triton.testing.do_bench(step, warmup=25, rep=100)
-                            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                        except torch.OutOfMemoryError:
-                            print(f"| {mode} | {causal} | {head_dim} | {seq} | {name} | OOM | | | |")
-                            torch.cuda.empty_cache()
-                            continue
-                        times[name] = ms
-                        ratio = times["fused_attn"] / ms if "fused_attn" in times else float("nan")
-                        print(f"| {mode} | {causal} | {head_dim} | {seq} | {name} | {ms:.3f} | "
-                              f"{flops / ms / 1e9:.1f} | {ratio:.2f}x | {peak:.0f} |", flush=True)
-                        for t in leaves:
-                            t.grad = None
-
-
-def run_cpu(quick: bool) -> None:
-    print("# fused_attn on a machine without a GPU\n")
-    print("No CUDA device: the Triton kernels run through the interpreter (NumPy), so this run "
-          "checks correctness and measures memory. Throughput (TFLOP/s) needs a GPU and is not "
-          "reported here.\n")
-    print("## Correctness against the float64 reference (small sizes, interpreter)\n")
-    print("| shape (B, Hq, Hkv, Sq, Sk, D) | causal | dtype | max err fused | max err torch same dtype |")
-    print("|---|---|---|---|---|")
+def check_correctness() -> str:
+    """Small cases through the interpreter, every output and gradient against float64, with the
+    FlashAttention rule: the error at most 2x (o) or 3x (gradients) PyTorch's own in that dtype."""
     gen = torch.Generator().manual_seed(0)
+    lines = ["| shape (B, Hq, Hkv, Sq, Sk, D) | causal | dtype | worst error / PyTorch's (o, dq, dk, dv) | limit | result |",
+             "|---|---|---|---|---|---|"]
     for (b, hq, hkv, sq, sk, d), causal, dtype in [
         ((1, 4, 2, 97, 97, 64), True, torch.float16),
         ((1, 2, 2, 200, 77, 80), True, torch.bfloat16),
@@ -136,42 +97,109 @@ def run_cpu(quick: bool) -> None:
         q = torch.randn(b, hq, sq, d, generator=gen).to(dtype)
         k = torch.randn(b, hkv, sk, d, generator=gen).to(dtype)
         v = torch.randn(b, hkv, sk, d, generator=gen).to(dtype)
-        golden = reference.attention(q.double(), k.double(), v.double(), causal=causal)
-        err = (fused_attn.attention(q, k, v, causal=causal).double() - golden).abs().max().item()
-        plain = (reference.attention(q, k, v, causal=causal).double() - golden).abs().max().item()
-        print(f"| {(b, hq, hkv, sq, sk, d)} | {causal} | {str(dtype)[6:]} | {err:.2e} | {plain:.2e} |")
-
-    print("\n## Memory saved for backward (bytes beyond q, k, v; B=1, H=8, D=64, fp16, causal)\n")
-    seqs = [256, 512, 1024] if quick else [256, 512, 1024, 2048, 4096]
-    print("| seq | fused_attn | naive reference | torch SDPA (CPU default backend) | naive / fused |")
-    print("|---|---|---|---|---|")
-    for seq in seqs:
-        q, k, v = (torch.randn(1, 8, seq, 64, dtype=torch.float16) for _ in range(3))
-        # Saving happens in the forward; fused_attn's forward runs its kernel, so keep it small.
-        fused_bytes = saved_bytes(fused, q, k, v, True) if seq <= 1024 else _fused_saved_formula(q, v)
-        naive_bytes = saved_bytes(naive, q, k, v, True)
-        sdpa_bytes = saved_bytes(sdpa, q, k, v, True)
-        print(f"| {seq} | {fused_bytes:,} | {naive_bytes:,} | {sdpa_bytes:,} | {naive_bytes / fused_bytes:.1f}x |",
-              flush=True)
-    print("\nfused_attn keeps o and the float32 lse: O(S). The naive path keeps S x S scores and "
-          "probabilities: O(S^2).")
+        do = torch.randn(b, hq, sq, d, generator=gen).to(dtype)
+        results = {}
+        for name, fn, cast in (("golden", reference.attention, torch.float64), ("fused", fused_attn.attention, dtype),
+                               ("torch", reference.attention, dtype)):
+            leaves = [t.to(cast, copy=True).requires_grad_() for t in (q, k, v)]
+            o = fn(*leaves, causal=causal)
+            o.backward(do.to(cast))
+            results[name] = [o.detach()] + [t.grad for t in leaves]
+        ratios = []
+        for fused, plain, golden in zip(results["fused"], results["torch"], results["golden"]):
+            fused_err = (fused.double() - golden).abs().max().item()
+            plain_err = (plain.double() - golden).abs().max().item()
+            ratios.append(fused_err / max(plain_err, 1e-6))
+        passed = ratios[0] <= 2 and max(ratios[1:]) <= 3
+        lines.append(f"| {(b, hq, hkv, sq, sk, d)} | {causal} | {str(dtype)[6:]} | "
+                     f"{', '.join(f'{r:.2f}' for r in ratios)} | 2, 3, 3, 3 | {'pass' if passed else 'FAIL'} |")
+    return "\n".join(lines)
 
 
-def _fused_saved_formula(q: torch.Tensor, v: torch.Tensor) -> int:
-    """o (B, H, S, Dv) in the input dtype plus lse (B, H, S) float32: what the forward saves
-    (measured at the shorter lengths above; computed here to skip minutes of interpreter time)."""
-    b, h, s, _ = q.shape
-    return b * h * s * v.shape[-1] * v.element_size() + b * h * s * 4
+def run_cpu(args: argparse.Namespace) -> list[dict[str, object]]:
+    meta = report.run_metadata("cpu")
+    print("# fused_attn on a machine without a GPU\n")
+    print(f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}, {meta['date']}.\n")
+    print("There is no CUDA device, so the Triton kernels run through the interpreter (NumPy). This run "
+          "checks correctness and measures memory, which does not depend on the device. **Throughput "
+          "(TFLOP/s) needs a GPU and is not reported here**; run the same command on a machine with one.\n")
+    print("## Correctness against the float64 reference (small sizes, interpreter)\n")
+    print(check_correctness() + "\n", flush=True)
+
+    seqs = args.seqs or ([256, 512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192])
+    cases = [Case("fwd+bwd", True, torch.float32, 1, 2, seq, 64, timed=False) for seq in seqs]
+    providers = providers_named(args.providers or CPU_PROVIDERS)
+    with fused_attn.override_configs(CPU_MEMORY_CONFIGS):
+        rows = run_cases(cases, providers, "cpu")
+    records = _save_and_reload(args, meta, rows, prefix="cpu")
+    return records
+
+
+def _save_and_reload(args: argparse.Namespace, meta: dict[str, str], rows, prefix: str) -> list[dict[str, object]]:
+    """Append to the CSV and read the run back, so tables and plots come from what was saved."""
+    if args.no_save:
+        import dataclasses
+
+        return [{**meta, **dataclasses.asdict(r)} for r in rows]
+    csv_path = args.out / f"{prefix}.csv"
+    report.append_csv(csv_path, meta, rows)
+    return [r for r in report.read_csv(csv_path) if r["run_id"] == meta["run_id"]]
+
+
+def print_gpu_report(args: argparse.Namespace, records: list[dict[str, object]]) -> None:
+    print("## Throughput: TFLOP/s (speed relative to fused_attn in this run)\n")
+    print(report.throughput_table(records) + "\n")
+    print("## Peak memory above the inputs, forward+backward\n")
+    print(report.memory_table(records, "peak_bytes") + "\n")
+    print("## Saved for backward (beyond q, k, v)\n")
+    print(report.memory_table(records, "saved_bytes") + "\n")
+    if not args.no_save:
+        _plots(records, args.out, "gpu")
+        print(f"Rows appended to {args.out / 'gpu.csv'}\n")
+    print("## Summary\n")
+    print(report.summary_table(records))
+
+
+def print_cpu_report(args: argparse.Namespace, records: list[dict[str, object]]) -> None:
+    first = records[0]
+    print(f"## Memory, forward+backward, causal, float32, B={first['batch']}, H={first['heads']}, "
+          f"D={first['head_dim']}\n")
+    print("Peak allocation above the inputs (MiB):\n")
+    print(report.memory_table(records, "peak_bytes") + "\n")
+    print("Saved for backward, beyond q, k, v (MiB):\n")
+    print(report.memory_table(records, "saved_bytes") + "\n")
+    by = {(r["provider"], r["seq"]): r for r in records if r["status"] == "ok"}
+    seqs = sorted({r["seq"] for r in records})
+    for name in ("fused_attn", "naive", "sdpa_math"):
+        first_row, last_row = by.get((name, seqs[0])), by.get((name, seqs[-1]))
+        if first_row and last_row and first_row["peak_bytes"]:
+            growth = last_row["peak_bytes"] / first_row["peak_bytes"]
+            print(f"- {name}: peak grows {growth:,.1f}x from S={seqs[0]} to S={seqs[-1]} "
+                  f"({seqs[-1] // seqs[0]}x longer)")
+    print("\nfused_attn keeps o and the float32 lse, O(S); the naive path and SDPA's math backend keep "
+          "S x S scores and probabilities, O(S^2).")
+    if not args.no_save:
+        print()
+        _plots(records, args.out, "cpu")
+        print(f"Rows appended to {args.out / 'cpu.csv'}")
+
+
+def _plots(records: list[dict[str, object]], out: Path, prefix: str) -> None:
+    try:
+        for path in report.make_plots(records, out, prefix):
+            print(f"Plot: {path}")
+    except ImportError:
+        print("No plots: matplotlib is not installed (pip install -e '.[bench]').")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    start = time.perf_counter()
     if torch.cuda.is_available():
-        run_gpu(args.quick)
+        print_gpu_report(args, run_gpu(args))
     else:
-        run_cpu(args.quick)
+        print_cpu_report(args, run_cpu(args))
+    print(f"\nDone in {time.perf_counter() - start:.0f} s.")
     return 0
 
 

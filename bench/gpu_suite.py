@@ -1,0 +1,134 @@
+"""The GPU suite: for whoever has one CUDA GPU for a few minutes.
+
+    python -m bench.gpu_suite OUT_DIR [--minutes 9]
+
+Runs from the repository root on a machine that already has torch and triton and no network:
+  1. makes `fused_attn` importable (an offline editable install, only if it is not already),
+  2. the tests on the GPU (tests/test_gpu.py at real sizes and the whole CPU grid on CUDA;
+     the compile-only tests are left to CI), log in OUT_DIR/tests.log,
+  3. the benchmark (`python -m bench.run`) with whatever time is left, its tables in
+     OUT_DIR/bench.md, its progress in OUT_DIR/bench.log, rows in OUT_DIR/gpu.csv, PNG plots,
+  4. a short summary table, printed last and written to OUT_DIR/summary.md.
+Every step has a deadline, so the whole suite ends within --minutes.
+
+To keep the results: append OUT_DIR/gpu.csv's rows (without its header) to bench/results/gpu.csv
+and run `python -m bench.report bench/results/gpu.csv` to remake the committed plots.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(command: list[str], log: Path, timeout_s: float) -> tuple[int | None, float]:
+    """Run with stdout+stderr to `log`; (exit code or None on timeout, seconds taken)."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        try:
+            code = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=max(1.0, timeout_s)).returncode
+        except subprocess.TimeoutExpired:
+            out.write(f"\n[gpu_suite] stopped after {timeout_s:.0f} s (deadline)\n")
+            code = None
+    return code, time.perf_counter() - start
+
+
+def ensure_importable(out_dir: Path) -> str:
+    """fused_attn.kernels is only importable once installed (a package-dir mapping); install it
+    editable without touching the network if a plain import fails."""
+    probe = [sys.executable, "-c", "import fused_attn.kernels"]
+    if subprocess.run(probe, cwd=REPO, capture_output=True).returncode == 0:
+        return "fused_attn already importable"
+    code, _ = _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-e", "."], out_dir / "install.log", 180)
+    if code != 0 or subprocess.run(probe, cwd=REPO, capture_output=True).returncode != 0:
+        raise SystemExit(f"could not make fused_attn importable; see {out_dir / 'install.log'}")
+    return "installed fused_attn in editable mode (offline)"
+
+
+def pytest_outcome(log: Path) -> str:
+    """pytest's final counts line ("12 passed, 1 skipped in 80s"), or what went wrong."""
+    text = log.read_text() if log.exists() else ""
+    counts = [line.strip("= ") for line in text.splitlines()
+              if re.search(r"\b(passed|failed|errors?|skipped|no tests ran)\b.* in [\d.]+s", line)]
+    if counts:
+        return counts[-1]
+    if "[gpu_suite] stopped" in text:
+        return "stopped at the deadline before pytest finished"
+    return "no pytest summary in the log"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_suite", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, help="folder for logs, CSV, plots and the summary")
+    parser.add_argument("--minutes", type=float, default=9.0, help="deadline for the whole suite (default 9)")
+    parser.add_argument("--test-share", type=float, default=0.35, help="share of the time the tests may use")
+    parser.add_argument("--workers", type=int, default=4, help="pytest-xdist workers for the tests")
+    parser.add_argument("--pytest-args", default="tests -m 'not compile'",
+                        help="what pytest runs (default: every test but the compile-only ones)")
+    parser.add_argument("--bench-args", default="", help="extra arguments for bench.run, e.g. '--quick'")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    deadline = start + args.minutes * 60
+    out = args.out_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [ensure_importable(out)]
+
+    test_log = out / "tests.log"
+    test_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(args.workers),
+                *shlex.split(args.pytest_args)]
+    code, took = _run(test_cmd, test_log, args.test_share * (deadline - time.perf_counter()))
+    tests = pytest_outcome(test_log)
+    steps.append(f"tests ({took:.0f} s, exit {code}): {tests}")
+
+    # Leave a minute for the benchmark's own tables and plots and for this summary.
+    budget = deadline - time.perf_counter() - 60
+    bench_cmd = [sys.executable, "-m", "bench.run", "--out", str(out), "--budget-s", f"{max(budget - 30, 10):.0f}",
+                 "--warmup-ms", "10", "--rep-ms", "50", *shlex.split(args.bench_args)]
+    with (out / "bench.md").open("w") as tables:
+        bench_start = time.perf_counter()
+        try:
+            with (out / "bench.log").open("w") as log:
+                bench_code = subprocess.run(bench_cmd, cwd=REPO, stdout=tables, stderr=log,
+                                            timeout=max(10.0, budget + 45)).returncode
+        except subprocess.TimeoutExpired:
+            bench_code = None
+    steps.append(f"benchmark ({time.perf_counter() - bench_start:.0f} s, exit {bench_code}): tables in "
+                 f"{out / 'bench.md'}")
+
+    sys.path.insert(0, str(REPO))
+    from bench import report
+
+    csv_paths = [p for p in (out / "gpu.csv", out / "cpu.csv") if p.exists()]  # cpu.csv: run without a GPU
+    records = report.latest_run(report.read_csv(csv_paths[0])) if csv_paths else []
+    lines = [f"# GPU suite, {time.perf_counter() - start:.0f} s", ""]
+    lines += [f"- {s}" for s in steps]
+    if records:
+        statuses: dict[str, int] = {}
+        for r in records:
+            statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        lines += [f"- {records[0]['device']}; torch {records[0]['torch']}, triton {records[0]['triton']}, "
+                  f"CUDA {records[0]['cuda']}",
+                  "- rows: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())), "",
+                  report.summary_table(records) if csv_paths[0].name == "gpu.csv"
+                  else "No GPU here: no throughput; the CPU tables are in bench.md."]
+    else:
+        lines.append("- the benchmark wrote no rows")
+    summary = "\n".join(lines)
+    (out / "summary.md").write_text(summary + "\n")
+    print(summary)
+    return 0 if code == 0 and bench_code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
