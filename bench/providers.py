@@ -106,8 +106,9 @@ def _flex(case: Case, device: torch.device) -> AttentionFn:
         raise Unsupported(f"torch {torch.__version__} has no FlexAttention ({error})") from None
     block_mask = None
     if case.causal:
+        # _compile builds the block mask without materializing S x S booleans (16 GB at 128k).
         block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None,
-                                       case.seq, case.seq, device=device)
+                                       case.seq, case.seq, device=device, _compile=True)
     compiled = _compiled_flex(flex_attention)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
@@ -118,12 +119,13 @@ _FLEX_CACHE: dict[int, Callable[..., torch.Tensor]] = {}
 def _compiled_flex(flex_attention: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     # One compiled callable for the whole run: torch.compile caches a graph per shape under it.
     if id(flex_attention) not in _FLEX_CACHE:
-        # Every shape of the grid compiles once; past dynamo's default limit of 8 recompiles it
-        # would silently fall back to eager FlexAttention and report its (much lower) speed.
+        # Past dynamo's default limit of 8 recompiles it would silently fall back to eager
+        # FlexAttention and report its (much lower) speed.
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 256)
-        _FLEX_CACHE[id(flex_attention)] = torch.compile(flex_attention, dynamic=False)
+        # Default dynamic-shape policy, as users get it: static first, dynamic after a recompile.
+        _FLEX_CACHE[id(flex_attention)] = torch.compile(flex_attention)
     return _FLEX_CACHE[id(flex_attention)]
 
 
