@@ -104,29 +104,35 @@ def _flex(case: Case, device: torch.device) -> AttentionFn:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as error:
         raise Unsupported(f"torch {torch.__version__} has no FlexAttention ({error})") from None
+    compiled_flex, compiled_block_mask = _compiled(flex_attention), _compiled(create_block_mask)
     block_mask = None
     if case.causal:
-        # _compile builds the block mask without materializing S x S booleans (16 GB at 128k).
-        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None,
-                                       case.seq, case.seq, device=device, _compile=True)
-    compiled = _compiled_flex(flex_attention)
-    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+        # Compiled, create_block_mask never materializes S x S booleans (16 GB at 128k).
+        block_mask = compiled_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None,
+                                         case.seq, case.seq, device=device)
+    return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
 
 
-_FLEX_CACHE: dict[int, Callable[..., torch.Tensor]] = {}
+_COMPILED: dict[Callable[..., object], Callable[..., object]] = {}
 
 
-def _compiled_flex(flex_attention: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    # One compiled callable for the whole run: torch.compile caches a graph per shape under it.
-    if id(flex_attention) not in _FLEX_CACHE:
+def _compiled(fn: Callable[..., object]) -> Callable[..., object]:
+    """One torch.compile wrapper per function for the whole run (a graph per shape under it)."""
+    if fn not in _COMPILED:
+        import torch._functorch.config
+
         # Past dynamo's default limit of 8 recompiles it would silently fall back to eager
         # FlexAttention and report its (much lower) speed.
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 256)
+        # With donated buffers (default since torch 2.6) a compiled backward refuses
+        # retain_graph=True, which the backward-only timing needs to replay one graph.
+        if hasattr(torch._functorch.config, "donated_buffer"):
+            torch._functorch.config.donated_buffer = False
         # Default dynamic-shape policy, as users get it: static first, dynamic after a recompile.
-        _FLEX_CACHE[id(flex_attention)] = torch.compile(flex_attention)
-    return _FLEX_CACHE[id(flex_attention)]
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
 
 
 def _flash_attn_package(case: Case, device: torch.device) -> AttentionFn:

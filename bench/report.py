@@ -240,11 +240,13 @@ def plot_throughput(records: Sequence[dict[str, object]], path: Path, dtype: str
 
 def plot_memory(records: Sequence[dict[str, object]], path: Path) -> Path | None:
     """Peak bytes and bytes saved for backward against sequence length (forward+backward, log-log),
-    one line per provider, for the first (causal, dtype, D, heads) group of the run."""
+    one line per provider, for the (causal, dtype, D) group of the memory-only lengths (the
+    longest), or else the run's first group."""
     rows = [r for r in records if r["mode"] == "fwd+bwd" and r["status"] == "ok"]
     if not rows:
         return None
-    causal, dtype, head_dim = rows[-1]["causal"], rows[-1]["dtype"], rows[-1]["head_dim"]
+    chosen = next((r for r in rows if not r["timed"]), rows[0])
+    causal, dtype, head_dim = chosen["causal"], chosen["dtype"], chosen["head_dim"]
     rows = [r for r in rows if (r["causal"], r["dtype"], r["head_dim"]) == (causal, dtype, head_dim)]
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -79,8 +79,8 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, object]]:
     print(f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}. {len(cases)} cases x "
           f"{len(providers)} providers; B*S = 16k tokens, H*D = 2048; median of do_bench over rotated inputs.\n",
           flush=True)
-    rows = run_cases(cases, providers, "cuda", warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, budget_s=args.budget_s)
-    return _save_and_reload(args, meta, rows, prefix="gpu")
+    return _measure(args, meta, cases, providers, "gpu", warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                    budget_s=args.budget_s)
 
 
 def check_correctness() -> str:
@@ -130,19 +130,21 @@ def run_cpu(args: argparse.Namespace) -> list[dict[str, object]]:
     cases = [Case("fwd+bwd", True, torch.float32, 1, 2, seq, 64, timed=False) for seq in seqs]
     providers = providers_named(args.providers or CPU_PROVIDERS)
     with fused_attn.override_configs(CPU_MEMORY_CONFIGS):
-        rows = run_cases(cases, providers, "cpu")
-    records = _save_and_reload(args, meta, rows, prefix="cpu")
-    return records
+        return _measure(args, meta, cases, providers, "cpu")
 
 
-def _save_and_reload(args: argparse.Namespace, meta: dict[str, str], rows, prefix: str) -> list[dict[str, object]]:
-    """Append to the CSV and read the run back, so tables and plots come from what was saved."""
+def _measure(args: argparse.Namespace, meta: dict[str, str], cases: list[Case], providers, prefix: str,
+             **options) -> list[dict[str, object]]:
+    """Run the cases, appending each case's rows to the CSV as soon as they exist (a killed run keeps
+    what it measured); then read this run back, so tables and plots come from what was saved."""
+    device = "cuda" if prefix == "gpu" else "cpu"
     if args.no_save:
         import dataclasses
 
+        rows = run_cases(cases, providers, device, **options)
         return [{**meta, **dataclasses.asdict(r)} for r in rows]
     csv_path = args.out / f"{prefix}.csv"
-    report.append_csv(csv_path, meta, rows)
+    run_cases(cases, providers, device, on_case_done=lambda rows: report.append_csv(csv_path, meta, rows), **options)
     return [r for r in report.read_csv(csv_path) if r["run_id"] == meta["run_id"]]
 
 

@@ -49,9 +49,10 @@ def fa3_cases(modes: Sequence[str] = MODES, causal: Sequence[bool] = (False, Tru
 @dataclass
 class Row:
     """One CSV row. Times in ms; `speed_vs_fused` = fused_attn's time / this provider's time in the
-    same run (below 1: slower than fused_attn); bytes are peak allocation above what existed before
-    the call (for "bwd", that includes the inputs and the saved forward state) and bytes saved for
-    backward beyond q, k, v."""
+    same run (below 1: slower than fused_attn); `peak_bytes` is the peak allocation during one call
+    above what existed before it (the inputs; for "bwd" also the saved forward state, so there it
+    is the gradients and the backward's temporaries); `saved_bytes` what the forward saved for
+    backward beyond q, k, v (empty for "fwd", which runs without autograd)."""
     provider: str
     mode: str
     causal: bool
@@ -188,8 +189,11 @@ def measure_case(case: Case, provider: Provider, device: torch.device, sets: lis
 def run_cases(cases: Iterable[Case], providers: Sequence[Provider], device: torch.device | str,
               warmup_ms: float = 25.0, rep_ms: float = 100.0, budget_s: float | None = None,
               progress: TextIO | None = sys.stderr, seed: int = 0,
-              timer: Callable[..., Timing] | None = None) -> list[Row]:
-    """Measure every provider on every case; rows in case order, providers in the given order."""
+              timer: Callable[..., Timing] | None = None,
+              on_case_done: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """Measure every provider on every case; rows in case order, providers in the given order.
+    `on_case_done` gets each case's rows as soon as they exist (the CLI appends them to the CSV,
+    so a run that is killed keeps what it measured)."""
     device = torch.device(device)
     cases = list(cases)
     timer = timer or (time_cuda if device.type == "cuda" else time_host)
@@ -216,6 +220,8 @@ def run_cases(cases: Iterable[Case], providers: Sequence[Provider], device: torc
             bar.step(f"{case.label} {provider.name}: {case_rows[-1].status}")
         _fill_ratios(case_rows)
         rows.extend(case_rows)
+        if on_case_done is not None:
+            on_case_done(case_rows)
         sets_by_layout.clear()
     return rows
 
