@@ -1,29 +1,74 @@
-"""The autograd Function that joins the forward and backward launchers."""
+"""The autograd layer: the launchers registered as torch.library custom ops.
+
+`fused_attn::attention_forward` and `fused_attn::attention_backward` have fake (meta)
+implementations, so torch.compile and torch.export trace through them without a graph break,
+and the forward has an autograd formula (torch builds the autograd.Function from it) that saves
+q, k, v, o and lse, O(S) memory, and calls the backward op.
+
+Output layouts are part of an op's contract (a fake tensor must have the real one's strides):
+o, dq, dk, dv are allocated like `_launch._empty_like_layout` of the matching input, so a
+(B, S, H, D) view in gives a (B, S, H, D)-backed result out; a launcher result with other
+strides (a head dim padded to 16) is copied into that layout.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from fused_attn._launch import attention_backward, attention_forward
+from fused_attn._launch import _empty_like_layout, attention_backward, attention_forward
 
 
-class FusedAttentionFunction(torch.autograd.Function):
-    """Saves q, k, v, o and lse (O(S) memory); the backward recomputes the probabilities."""
+def _in_layout_of(ref: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    out = _empty_like_layout(ref, tuple(result.shape), result.dtype)
+    if out.stride() == result.stride():
+        return result
+    return out.copy_(result)
 
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = attention_forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-        return o, lse
 
-    @staticmethod
-    def backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor | None
-                 ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+@torch.library.custom_op("fused_attn::attention_forward", mutates_args=())
+def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32. Inputs are validated by the caller."""
+    o, lse = attention_forward(q, k, v, causal, scale)
+    return _in_layout_of(q, o), lse
+
+
+@attention_forward_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads_q, seq_q, _ = q.shape
+    o = _empty_like_layout(q, (batch, heads_q, seq_q, v.shape[3]), q.dtype)
+    return o, q.new_empty((batch, heads_q, seq_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_attn::attention_backward", mutates_args=())
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          o: torch.Tensor, lse: torch.Tensor, causal: bool,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv with the shapes and dtypes of q, k, v. Deterministic: no atomics."""
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal, scale)
+    return _in_layout_of(q, dq), _in_layout_of(k, dk), _in_layout_of(v, dv)
+
+
+@attention_backward_op.register_fake
+def _(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+      lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_empty_like_layout(t, tuple(t.shape), t.dtype) for t in (q, k, v))  # type: ignore[return-value]
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+attention_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fused_attn._checks import check_attention_inputs
-from fused_attn._function import FusedAttentionFunction
+from fused_attn._function import attention_forward_op
 from fused_attn._launch import check_device
 
 
@@ -56,5 +56,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = check_attention_inputs(q, k, v, scale)
     check_device(q)
-    o, lse = FusedAttentionFunction.apply(q, k, v, causal, scale)
+    o, lse = attention_forward_op(q, k, v, causal, scale)
     return (o, lse) if return_lse else o
