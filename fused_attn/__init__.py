@@ -1,8 +1,10 @@
-"""fused-attn: tiled online-softmax attention kernels in Triton behind a torch autograd Function."""
-from fused_attn import reference
+"""fused-attn: tiled online-softmax attention kernels in Triton behind a torch autograd formula."""
+from fused_attn import nn, reference
 from fused_attn._launch import interpreting, override_configs
 from fused_attn.api import attention
 from fused_attn.kernels.configs import AttentionConfigs, KernelConfig
+from fused_attn.nn import swap_attention
 
-__all__ = ["attention", "reference", "override_configs", "interpreting", "AttentionConfigs", "KernelConfig"]
+__all__ = ["attention", "reference", "nn", "swap_attention", "override_configs", "interpreting", "AttentionConfigs",
+           "KernelConfig"]
 __version__ = "0.1.0"

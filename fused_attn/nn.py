@@ -1,0 +1,106 @@
+"""Modules: a drop-in `MultiheadAttention` and `swap_attention` for models that already exist."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from fused_attn._launch import interpreting
+from fused_attn.api import attention
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"fused_attn.nn.MultiheadAttention: {reason}; this call runs torch's own "
+                      "implementation instead (warned once per reason)", stacklevel=3)
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """`torch.nn.MultiheadAttention` with the attention computed by fused_attn's kernels.
+
+    The constructor, parameter names, state dict and forward signature are torch's (it is a
+    subclass), so ``load_state_dict`` from a torch module works and code that calls it needs no
+    change. query (L, N, E) or (N, L, E) with ``batch_first``, or unbatched (L, E); key and value
+    (S, N, kdim / vdim) likewise; returns (attn_output, None) on the fused path.
+
+    The fused path needs ``need_weights=False`` (torch's default, True, asks for the L x S
+    weights, which the kernels never form), no ``key_padding_mask``, no ``attn_mask`` other than
+    a causal one declared with ``is_causal=True`` (as torch, the mask is then trusted to be
+    causal, and L == S), no dropout while training, no ``add_bias_kv`` or ``add_zero_attn``, and
+    tensors the kernels run on (CUDA, or CPU under TRITON_INTERPRET=1; float16/bfloat16/float32;
+    head dim <= 256). Any other call runs torch's implementation with the same arguments, after a
+    one-time warning that names the reason, so results never silently change meaning.
+    """
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        reason = self._why_not_fused(query, key, key_padding_mask, need_weights, attn_mask, is_causal)
+        if reason is not None:
+            _warn_once(reason)
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if not self.batch_first:  # (L, N, E) -> (N, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        batch, seq_q, seq_k = query.shape[0], query.shape[1], key.shape[1]
+        # (N, L, E) projections seen as (N, H, L, D) without a copy.
+        q = F.linear(query, w_q, b_q).view(batch, seq_q, self.num_heads, self.head_dim).transpose(1, 2)
+        k = F.linear(key, w_k, b_k).view(batch, seq_k, self.num_heads, self.head_dim).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).view(batch, seq_k, self.num_heads, self.head_dim).transpose(1, 2)
+        o = attention(q, k, v, causal=is_causal).transpose(1, 2).reshape(batch, seq_q, self.embed_dim)
+        out = self.out_proj(o)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return (out.squeeze(1) if unbatched else out), None
+
+    def _why_not_fused(self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                       need_weights: bool, attn_mask: torch.Tensor | None, is_causal: bool) -> str | None:
+        if need_weights:
+            return "need_weights=True (torch's default) asks for the attention weights; pass need_weights=False"
+        if key_padding_mask is not None:
+            return "key_padding_mask is not supported by the kernels yet"
+        if attn_mask is not None and not is_causal:
+            return "attn_mask is not supported by the kernels yet (only is_causal=True)"
+        if is_causal and attn_mask is None:
+            return "is_causal=True without attn_mask (torch requires the mask as well)"
+        seq_dim = 0 if query.dim() == 2 or not self.batch_first else 1
+        if is_causal and query.shape[seq_dim] != key.shape[seq_dim]:
+            return "is_causal=True with different query and key lengths (torch aligns it top-left)"
+        if self.dropout > 0 and self.training:
+            return "dropout is not supported by the kernels yet"
+        if self.bias_k is not None or self.add_zero_attn:
+            return "add_bias_kv and add_zero_attn are not supported"
+        if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {query.dtype} is not supported by the kernels"
+        if self.head_dim > 256:
+            return f"head dim {self.head_dim} is over 256"
+        if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
+            return f"{query.device.type} tensors need CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
+        return None
+
+
+def swap_attention(model: torch.nn.Module) -> int:
+    """Make every `torch.nn.MultiheadAttention` in `model` a fused_attn `MultiheadAttention`, in
+    place: the same object, parameters, buffers, hooks, device and dtype, only the class changes.
+    Subclasses of torch's module (which may override forward) are left alone. Returns how many
+    modules were swapped."""
+    swapped = 0
+    for module in model.modules():
+        if type(module) is torch.nn.MultiheadAttention:
+            module.__class__ = MultiheadAttention
+            swapped += 1
+    return swapped
