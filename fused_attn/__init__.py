@@ -4,7 +4,8 @@ from fused_attn._launch import interpreting, override_configs
 from fused_attn.api import attention
 from fused_attn.kernels.configs import AttentionConfigs, KernelConfig
 from fused_attn.nn import swap_attention
+from fused_attn.registry import activate, deactivate
 
-__all__ = ["attention", "reference", "nn", "swap_attention", "override_configs", "interpreting", "AttentionConfigs",
-           "KernelConfig"]
+__all__ = ["attention", "reference", "nn", "swap_attention", "activate", "deactivate", "override_configs",
+           "interpreting", "AttentionConfigs", "KernelConfig"]
 __version__ = "0.1.0"

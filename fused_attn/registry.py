@@ -1,0 +1,118 @@
+"""fused_attn as the kernel behind torch SDPA's flash backend on CUDA.
+
+torch (2.9 and later) keeps a registry of flash-attention implementations
+(`torch.nn.attention.register_flash_attention_impl`). `activate()` registers fused_attn there
+and activates it: the CUDA kernels of ``aten::_scaled_dot_product_flash_attention`` and its
+backward are replaced by fused_attn's launchers, so an unmodified model that calls
+`F.scaled_dot_product_attention` and lands on the flash backend runs these kernels.
+`deactivate()` puts torch's own kernels back.
+
+Semantics are the flash backend's: q, k, v (B, H, S, D), `is_causal` with Sq == Sk (where top-left
+and bottom-right alignment agree), no dropout. A call outside that raises a RuntimeError that
+names the reason rather than computing something else; without `activate()` nothing changes.
+"""
+from __future__ import annotations
+
+import torch
+
+from fused_attn._checks import check_attention_inputs
+from fused_attn._function import attention_backward_op, attention_forward_op
+
+IMPL_NAME = "fused_attn"
+_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")
+
+
+def _unsupported(query: torch.Tensor, key: torch.Tensor, dropout_p: float, is_causal: bool,
+                 return_debug_mask: bool = False) -> str | None:
+    if dropout_p > 0.0:
+        return f"dropout_p={dropout_p} (fused_attn has no dropout yet)"
+    if return_debug_mask:
+        return "return_debug_mask=True"
+    if is_causal and query.shape[2] != key.shape[2]:
+        return "is_causal with Sq != Sk (SDPA aligns top-left, fused_attn bottom-right)"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {query.dtype}"
+    if query.shape[-1] > 256:
+        return f"head dim {query.shape[-1]} > 256"
+    return None
+
+
+def _like(ref: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """`result` in `ref`'s memory layout, as the aten op's meta function promises."""
+    out = torch.empty_like(ref, dtype=result.dtype)
+    return result if out.stride() == result.stride() else out.copy_(result)
+
+
+def sdpa_flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+                       is_causal: bool = False, return_debug_mask: bool = False, *,
+                       scale: float | None = None) -> tuple:
+    """``aten::_scaled_dot_product_flash_attention`` on fused_attn's kernels; same outputs:
+    (out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, rng_state, philox_offset, debug_mask)."""
+    reason = _unsupported(query, key, dropout_p, is_causal, return_debug_mask)
+    if reason is not None:
+        raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this call: {reason}; "
+                           "call fused_attn.deactivate() to use torch's flash kernels")
+    scale = check_attention_inputs(query, key, value, scale)
+    out, lse = attention_forward_op(query, key, value, is_causal, scale)
+    rng_state = torch.zeros((2,), dtype=torch.uint64, device=query.device)
+    philox_offset = torch.zeros((), dtype=torch.uint64, device=query.device)
+    debug_mask = torch.empty(0, dtype=query.dtype, device=query.device)
+    return _like(query, out), lse, None, None, query.shape[2], key.shape[2], rng_state, philox_offset, debug_mask
+
+
+def sdpa_flash_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        out: torch.Tensor, logsumexp: torch.Tensor, cum_seq_q: torch.Tensor | None,
+                        cum_seq_k: torch.Tensor | None, max_q: int, max_k: int, dropout_p: float, is_causal: bool,
+                        philox_seed: torch.Tensor, philox_offset: torch.Tensor, *,
+                        scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``aten::_scaled_dot_product_flash_attention_backward`` on fused_attn's kernels: dq, dk, dv."""
+    reason = _unsupported(query, key, dropout_p, is_causal)
+    if reason is not None:
+        raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this backward: {reason}")
+    scale = check_attention_inputs(query, key, value, scale)
+    dq, dk, dv = attention_backward_op(grad_out, query, key, value, out, logsumexp, is_causal, scale)
+    return _like(query, dq), _like(key, dk), _like(value, dv)
+
+
+class _Handle:
+    """What torch's registry keeps while fused_attn is active; `remove` restores torch's kernels."""
+
+    def __init__(self) -> None:
+        self.library: torch.library.Library | None = torch.library.Library("aten", "IMPL", "CUDA")
+        self.library.impl(_OPS[0], sdpa_flash_forward, "CUDA")
+        self.library.impl(_OPS[1], sdpa_flash_backward, "CUDA")
+
+    def remove(self) -> None:
+        if self.library is not None:
+            self.library._destroy()
+            self.library = None
+
+
+def _registry():
+    attention = torch.nn.attention
+    if not hasattr(attention, "register_flash_attention_impl"):
+        raise RuntimeError(f"torch {torch.__version__} has no flash-attention registry "
+                           "(torch.nn.attention.register_flash_attention_impl, torch 2.9 and later)")
+    return attention
+
+
+def activate() -> None:
+    """Make fused_attn the kernel behind `F.scaled_dot_product_attention`'s flash backend on CUDA.
+    Replaces any other activated implementation; `deactivate()` undoes it."""
+    attention = _registry()
+    if IMPL_NAME not in attention.list_flash_attention_impls():
+        attention.register_flash_attention_impl(IMPL_NAME, register_fn=_Handle)
+    attention.activate_flash_attention_impl(IMPL_NAME)
+
+
+def deactivate() -> None:
+    """Put torch's own flash kernels back if fused_attn is the active implementation."""
+    attention = _registry()
+    if attention.current_flash_attention_impl() == IMPL_NAME:
+        attention.restore_flash_attention_impl()
+
+
+def is_active() -> bool:
+    """True while fused_attn serves SDPA's flash backend."""
+    attention = torch.nn.attention
+    return hasattr(attention, "current_flash_attention_impl") and attention.current_flash_attention_impl() == IMPL_NAME
