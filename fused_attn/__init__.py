@@ -5,7 +5,8 @@ from fused_attn.api import attention
 from fused_attn.kernels.configs import AttentionConfigs, KernelConfig
 from fused_attn.nn import swap_attention
 from fused_attn.registry import activate, deactivate
+from fused_attn.sdpa import scaled_dot_product_attention
 
-__all__ = ["attention", "reference", "nn", "swap_attention", "activate", "deactivate", "override_configs",
+__all__ = ["attention", "scaled_dot_product_attention", "reference", "nn", "swap_attention", "activate", "deactivate", "override_configs",
            "interpreting", "AttentionConfigs", "KernelConfig"]
 __version__ = "0.1.0"

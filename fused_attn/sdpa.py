@@ -1,0 +1,71 @@
+"""`fused_attn.scaled_dot_product_attention`: torch's SDPA signature and semantics.
+
+What the kernels serve today runs on them: no mask or a causal one (torch's `is_causal` is
+aligned top-left, which equals fused_attn's bottom-right when L == S), GQA with `enable_gqa`,
+any `scale`. What they cannot serve yet (an `attn_mask`, dropout, `is_causal` with L != S)
+runs `torch.nn.functional.scaled_dot_product_attention` with the same arguments after a
+one-time warning that names the reason, so the result always has torch's meaning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from fused_attn._launch import interpreting
+from fused_attn.api import attention
+
+_WARNED: set[str] = set()
+
+
+def _fallback_reason(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+                     is_causal: bool) -> str | None:
+    if attn_mask is not None:
+        return "attn_mask is not supported inside the kernels yet"
+    if dropout_p > 0.0:
+        return "dropout_p > 0 is not supported by the kernels yet"
+    if is_causal and query.shape[-2] != key.shape[-2]:
+        return "is_causal with L != S (torch aligns it top-left; the kernels bottom-right)"
+    if query.dim() < 3:
+        return f"{query.dim()}-D inputs"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {query.dtype}"
+    if max(query.shape[-1], key.shape[-1]) > 256:
+        return "a head dim over 256"
+    if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
+        return f"{query.device.type} tensors (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+    return None
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for `torch.nn.functional.scaled_dot_product_attention`.
+
+    query (N, ..., Hq, L, E), key (N, ..., Hkv, S, E), value (N, ..., Hkv, S, Ev) -> (N, ..., Hq, L, Ev),
+    or 3-D (N, L, E) inputs. Hkv must equal Hq unless ``enable_gqa`` (then Hq % Hkv == 0), as in
+    torch. Differentiable. Calls the kernels cannot serve run torch's function (see the module).
+    """
+    if query.dim() != key.dim() or query.dim() != value.dim():
+        raise ValueError(f"query, key and value must have the same number of dimensions, got "
+                         f"{query.dim()}, {key.dim()}, {value.dim()}")
+    if query.dim() >= 4 and key.shape[-3] != query.shape[-3] and not enable_gqa:
+        raise ValueError(f"key has {key.shape[-3]} heads and query {query.shape[-3]}: pass enable_gqa=True "
+                         "for grouped-query attention (as torch requires)")
+    reason = _fallback_reason(query, key, attn_mask, dropout_p, is_causal)
+    if reason is not None:
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(f"fused_attn.scaled_dot_product_attention: {reason}; these calls run torch's "
+                          "scaled_dot_product_attention instead (warned once per reason)", stacklevel=2)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if query.dim() == 3:  # (N, L, E): one head
+        return attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), causal=is_causal,
+                         scale=scale).squeeze(1)
+    lead = query.shape[:-3]
+    flat = [t.reshape(-1, *t.shape[-3:]) for t in (query, key, value)]  # a view when the leading dims allow
+    out = attention(*flat, causal=is_causal, scale=scale)
+    return out.reshape(*lead, *out.shape[-3:])

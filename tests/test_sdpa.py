@@ -1,0 +1,121 @@
+"""fused_attn.scaled_dot_product_attention against torch's, over a randomized grid of arguments.
+
+Kernel paths are held to FlashAttention's rule against float64 (torch's SDPA in the same dtype is
+the "plain PyTorch" error); fallback paths must warn once and equal torch's result exactly."""
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_attn
+from tests.helpers import assert_close_to_reference
+
+
+def _random_cases(count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        heads_kv = rng.choice([1, 2, 3])
+        group = rng.choice([1, 1, 2, 4])
+        seq_q = rng.choice([1, 17, 40, 97])
+        cases.append({
+            "lead": rng.choice([(2,), (1,), (2, 2)]),
+            "heads_q": heads_kv * group, "heads_kv": heads_kv, "enable_gqa": group > 1 or rng.random() < 0.3,
+            "seq_q": seq_q, "seq_k": seq_q if rng.random() < 0.5 else rng.choice([1, 33, 80]),
+            "head_dim": rng.choice([16, 40, 64, 80]), "head_dim_v": None,
+            "is_causal": rng.random() < 0.5, "scale_factor": rng.choice([None, 0.5, 2.0]),
+            "dtype": rng.choice([torch.float16, torch.bfloat16, torch.float32]),
+        })
+        if cases[-1]["is_causal"]:
+            cases[-1]["seq_k"] = seq_q  # L != S causal is a fallback case, tested below
+        cases[-1]["head_dim_v"] = rng.choice([cases[-1]["head_dim"], 24])
+        # A scale relative to 1/sqrt(E), so random N(0, 1) inputs give scores of realistic size.
+        factor = cases[-1].pop("scale_factor")
+        cases[-1]["scale"] = None if factor is None else factor / cases[-1]["head_dim"] ** 0.5
+    return cases
+
+
+CASES = _random_cases(14) + [  # fixed corner: 3-D inputs
+    {"lead": (), "heads_q": 3, "heads_kv": 3, "enable_gqa": False, "seq_q": 21, "seq_k": 21, "head_dim": 32,
+     "head_dim_v": 32, "is_causal": True, "scale": None, "dtype": torch.float32, "three_d": True},
+    {"lead": (1,), "heads_q": 2, "heads_kv": 2, "enable_gqa": False, "seq_q": 1, "seq_k": 1, "head_dim": 80,
+     "head_dim_v": 80, "is_causal": False, "scale": 1.0, "dtype": torch.float32},  # one key: dq is exactly 0
+]
+
+
+def _case_id(c: dict) -> str:
+    return (f"{'x'.join(map(str, c['lead']))}-h{c['heads_q']}:{c['heads_kv']}-L{c['seq_q']}-S{c['seq_k']}-"
+            f"E{c['head_dim']}:{c['head_dim_v']}-{'causal' if c['is_causal'] else 'full'}-"
+            f"s{'default' if c['scale'] is None else round(c['scale'], 3)}-"
+            f"{str(c['dtype'])[6:]}{'-3d' if c.get('three_d') else ''}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_torch_sdpa(case: dict, device: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    if case.get("three_d"):
+        shapes = [(case["heads_q"], case["seq_q"], case["head_dim"]), (case["heads_q"], case["seq_k"], case["head_dim"]),
+                  (case["heads_q"], case["seq_k"], case["head_dim_v"]), (case["heads_q"], case["seq_q"], case["head_dim_v"])]
+    else:
+        lead = case["lead"]
+        shapes = [(*lead, case["heads_q"], case["seq_q"], case["head_dim"]),
+                  (*lead, case["heads_kv"], case["seq_k"], case["head_dim"]),
+                  (*lead, case["heads_kv"], case["seq_k"], case["head_dim_v"]),
+                  (*lead, case["heads_q"], case["seq_q"], case["head_dim_v"])]
+    q, k, v, do = (torch.randn(s, generator=gen).to(device=device, dtype=case["dtype"]) for s in shapes)
+    kwargs = {"is_causal": case["is_causal"], "scale": case["scale"], "enable_gqa": case["enable_gqa"]}
+    results = {}
+    for name, fn, dtype in (("fused", fused_attn.scaled_dot_product_attention, case["dtype"]),
+                            ("plain", F.scaled_dot_product_attention, case["dtype"]),
+                            ("golden", F.scaled_dot_product_attention, torch.float64)):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if name == "fused" else "default")  # no fallback here
+            out = fn(*leaves, **kwargs)
+        out.backward(do.to(dtype))
+        results[name] = [out.detach()] + [t.grad for t in leaves]
+    # Every gradient goes through dP - delta, two sums of size |dO| |V|: with one key both are
+    # equal and dq is exactly 0 in torch's formula but rounding-sized in a recomputing kernel.
+    gradient_scale = do.abs().max().item() * v.abs().max().item()
+    for i, name in enumerate(("o", "dq", "dk", "dv")):
+        assert_close_to_reference(name, results["fused"][i], results["golden"][i], results["plain"][i],
+                                  2 if i == 0 else 3, case["dtype"], None if i == 0 else gradient_scale)
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"attn_mask": torch.rand(7, 7) > 0.3}, "attn_mask"),
+    ({"attn_mask": torch.randn(2, 1, 7, 7)}, "attn_mask"),
+    ({"is_causal": True, "seq_k": 11}, "L != S"),
+])
+def test_fallbacks_warn_once_and_equal_torch(kwargs: dict, reason: str) -> None:
+    kwargs = dict(kwargs)
+    seq_k = kwargs.pop("seq_k", 7)
+    q = torch.randn(2, 3, 7, 16)
+    k, v = torch.randn(2, 3, seq_k, 16), torch.randn(2, 3, seq_k, 16)
+    fused_attn.sdpa._WARNED.clear()
+    with pytest.warns(UserWarning, match=reason):
+        got = fused_attn.scaled_dot_product_attention(q, k, v, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_attn.scaled_dot_product_attention(q, k, v, **kwargs)  # once per reason
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, **kwargs), rtol=0, atol=0)
+
+
+def test_dropout_falls_back_and_keeps_the_expected_scale() -> None:
+    q = k = v = torch.ones(1, 1, 64, 8)
+    fused_attn.sdpa._WARNED.clear()
+    with pytest.warns(UserWarning, match="dropout"):
+        out = fused_attn.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert out.shape == q.shape and 0.5 < out.mean().item() < 1.5  # dropout applied, rescaled by 1 / (1 - p)
+
+
+def test_gqa_needs_enable_gqa_as_in_torch() -> None:
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        fused_attn.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(ValueError, match="same number of dimensions"):
+        fused_attn.scaled_dot_product_attention(q, k[0], k[0])
