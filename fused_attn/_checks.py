@@ -56,3 +56,28 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
+
+
+def check_attn_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """Validate a mask for q (B, Hq, Sq, D), k (B, Hkv, Sk, D) and return it as a 4-D view
+    broadcast to (B, Hq, Sq, Sk) (no copy: broadcast dimensions get stride 0).
+
+    bool: True where a query may attend to a key. float16/bfloat16/float32: added to the scores
+    (-inf removes a key)."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"attn_mask has dtype {str(attn_mask.dtype).replace('torch.', '')}; expected bool "
+                        "(True attends) or a float dtype (added to the scores)")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {tuple(attn_mask.shape)}")
+    try:
+        return attn_mask.expand(target) if attn_mask.dim() == 4 else attn_mask[(None,) * (4 - attn_mask.dim())].expand(target)
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads_q, "
+                         f"seq_q, seq_k) = {target}") from None

@@ -118,9 +118,19 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(3))  # type: ignore[return-value]
 
 
+def _bias_args(bias: torch.Tensor | None, q: torch.Tensor) -> tuple[object, ...]:
+    """(pointer, 4 strides) for the kernels' BIAS argument, and BIAS_KIND: 0 none, 1 float
+    added to the scores, 2 bool (True attends). A broadcast dimension has stride 0."""
+    if bias is None:
+        return (q, 0, 0, 0, 0), 0
+    strides = tuple(bias.stride(i) if bias.shape[i] > 1 else 0 for i in range(4))
+    return (bias, *strides), 2 if bias.dtype == torch.bool else 1
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32, natural log."""
+                      scale: float, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32, natural log. `bias`, if given,
+    is 4-D and broadcastable to (B, Hq, Sq, Sk): float (added to the scores) or bool (True attends)."""
     batch, heads_q, seq_q, _ = q.shape
     heads_kv, seq_k, head_dim_v_out = k.shape[1], k.shape[2], v.shape[3]
     lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
@@ -132,25 +142,30 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     o = _empty_like_layout(q, (batch, heads_q, seq_q, head_dim_v), q.dtype)
     cfg = _select_configs(q, head_dim, head_dim_v).forward
     block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
+    bias_args, bias_kind = _bias_args(bias, q)
     _kernels._attn_fwd[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
         q, k, v, o, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *bias_args,
         heads_q, heads_q // heads_kv, seq_q, seq_k, head_dim, head_dim_v, scale * math.log2(math.e),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        CAUSAL=causal, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+        CAUSAL=causal, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, BIAS_KIND=bias_kind,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
     )
     return o[..., :head_dim_v_out], lse
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       o: torch.Tensor, lse: torch.Tensor, causal: bool,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv with the shapes, dtypes and layouts of q, k, v. Deterministic: no atomics."""
+                       o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                       bias: torch.Tensor | None = None, bias_grad: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dq, dk, dv with the shapes, dtypes and layouts of q, k, v, and with `bias_grad` the float32
+    gradient of the scores, (B, Hq, Sq, Sk) (the bias's gradient before broadcasting is undone).
+    Deterministic: no atomics."""
     batch, heads_q, seq_q, head_dim_out = q.shape
     heads_kv, seq_k, head_dim_v_out = k.shape[1], k.shape[2], v.shape[3]
+    dbias = torch.zeros((batch, heads_q, seq_q, seq_k), dtype=torch.float32, device=q.device) if bias_grad else None
     if batch * heads_q * seq_q == 0 or seq_k == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     if do.stride(-1) != 1:
         do = do.contiguous()
     q, k, v, o, do = _aligned(q), _aligned(k), _aligned(v), _aligned(o), _aligned(do)
@@ -170,23 +185,26 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         BLOCK_M=pre_block, BLOCK_DV=block_dv,
     )
 
+    bias_args, bias_kind = _bias_args(bias, q)
     cfg = configs.backward_dkdv
     _kernels._attn_bwd_dkdv[_grid(triton.cdiv(seq_k, cfg.block_n) * batch * heads_kv)](
         q, k, v, do, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
+        *bias_args, dbias if dbias is not None else lse,
         heads_q, heads_kv, heads_q // heads_kv, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, BIAS_KIND=bias_kind,
+        STORE_DBIAS=dbias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
 
     cfg = configs.backward_dq
     _kernels._attn_bwd_dq[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
         q, k, v, do, lse, delta, dq,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), *bias_args,
         heads_q, heads_q // heads_kv, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, BIAS_KIND=bias_kind,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
-    return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out]
+    return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out], dbias

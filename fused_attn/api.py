@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from fused_attn._checks import check_attention_inputs
+from fused_attn._checks import check_attention_inputs, check_attn_mask
 from fused_attn._function import attention_forward_op
 from fused_attn._launch import check_device
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: float | None = None, return_lse: bool = False
+              scale: float | None = None, return_lse: bool = False, attn_mask: torch.Tensor | None = None
               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention softmax(q k^T * scale) v, computed tile by tile without the S x S matrix.
 
@@ -39,6 +39,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             the two agree only when Sq == Sk.
         scale: multiplies q k^T; defaults to 1 / sqrt(D).
         return_lse: also return the natural-log softmax denominator.
+        attn_mask: optional, broadcastable to (B, Hq, Sq, Sk), read tile by tile inside the kernels
+            (never expanded in memory). bool: True where a query may attend to a key. float: added
+            to the scaled scores (-inf removes a key); it gets a gradient when it requires grad
+            (that gradient is materialized at (B, Hq, Sq, Sk) float32 before being summed over
+            broadcast dimensions). Combines with `causal`. A row left with no key returns zeros
+            and an lse of -inf, never NaN.
 
     Returns:
         o (B, Hq, Sq, Dv) in the inputs' dtype, and with return_lse also lse (B, Hq, Sq) float32.
@@ -55,6 +61,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = check_attention_inputs(q, k, v, scale)
+    bias = check_attn_mask(attn_mask, q, k)
     check_device(q)
-    o, lse = attention_forward_op(q, k, v, causal, scale)
+    o, lse = attention_forward_op(q, k, v, bias, causal, scale)
     return (o, lse) if return_lse else o

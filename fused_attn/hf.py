@@ -6,12 +6,13 @@
 
 `register()` adds "fused_attn" to transformers' attention interface (the function below) and to
 its mask interface (transformers' SDPA mask builder, which hands over no mask at all when a
-causal or full pattern needs none). The kernels serve: causal decoders, bidirectional encoders
-and cross-attention without padding, GQA without `repeat_kv`, and generation with a KV cache
-(fused_attn's causal mask is aligned bottom-right, as a cache needs). A call they cannot serve
-yet (a padding or custom mask, dropout while training, sliding windows, softcap, an attention
-bias, packed sequences, `output_attentions`) runs transformers' SDPA path instead, after a
-one-time warning naming the reason: never a silent change of meaning.
+causal or full pattern needs none, else a bool mask that the kernels read tile by tile). The
+kernels serve causal decoders, bidirectional encoders and cross-attention with or without
+padding, GQA without `repeat_kv`, and generation with a KV cache (fused_attn's causal mask is
+aligned bottom-right, as a cache needs). A call they cannot serve yet (dropout while training,
+sliding windows, softcap, an attention bias such as T5's, packed sequences,
+`output_attentions`) runs transformers' SDPA path instead, after a one-time warning naming the
+reason: never a silent change of meaning.
 """
 from __future__ import annotations
 
@@ -27,8 +28,6 @@ _WARNED: set[str] = set()
 
 def _fallback_reason(module: torch.nn.Module, attention_mask: torch.Tensor | None, dropout: float,
                      kwargs: dict) -> str | None:
-    if attention_mask is not None:
-        return "a padding or custom attention mask (masks inside the kernels are an open issue)"
     if dropout > 0.0:
         return "attention dropout while training"
     if kwargs.get("sliding_window") is not None:
@@ -59,6 +58,11 @@ def fused_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.
                           "transformers' SDPA attention instead (warned once per reason)", stacklevel=2)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if attention_mask is not None:
+        # The mask builder's mask (bool, True attends; or float, added) already holds causality
+        # and padding; the kernels read it tile by tile.
+        out = attention(query, key, value, scale=scaling, attn_mask=attention_mask[:, :, :, : key.shape[-2]])
+        return out.transpose(1, 2), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # With no mask the builder decided none was needed: for a causal module that means Sq == Sk,
     # or decoding against a cache; bottom-right alignment is right for both.

@@ -62,7 +62,7 @@ _KERNEL_FUNCTIONS = {"fwd": "_attn_fwd", "preprocess": "_attn_bwd_preprocess",
                      "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
 DTYPES_BY_ELEMENT_SIZE: dict[int, tuple[str, ...]] = {2: ("fp16", "bf16"), 4: ("fp32",)}
 _ELEMENT_SIZES = {dtype: size for size, dtypes in DTYPES_BY_ELEMENT_SIZE.items() for dtype in dtypes}
-_POINTER_ARGS_FP32 = ("LSE", "DELTA")  # always float32, whatever q's dtype
+_POINTER_ARGS_FP32 = ("LSE", "DELTA", "DBIAS")  # always float32, whatever q's dtype
 _FLOAT_ARGS = ("qk_scale_log2", "scale")
 _PREPROCESS_NUM_WARPS = 4  # fused_attn/_launch.py passes none: Triton's default
 
@@ -276,7 +276,9 @@ def _constexprs(fn: Any, job: CompileJob) -> dict[str, Any]:
     else:
         known = {"BLOCK_M": job.block_m, "BLOCK_N": job.block_n, "BLOCK_D": job.head_dim,
                  "BLOCK_DV": job.head_dim, "CAUSAL": True, "EVEN_D": False, "EVEN_DV": False,
-                 "INPUT_PRECISION": job.input_precision}
+                 "INPUT_PRECISION": job.input_precision,
+                 # The report covers calls without attn_mask; the mask variants are not compiled here.
+                 "BIAS_KIND": 0, "STORE_DBIAS": False}
     values: dict[str, Any] = {}
     for param in fn.params:
         if not param.is_constexpr:

@@ -27,13 +27,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     change. query (L, N, E) or (N, L, E) with ``batch_first``, or unbatched (L, E); key and value
     (S, N, kdim / vdim) likewise; returns (attn_output, None) on the fused path.
 
-    The fused path needs ``need_weights=False`` (torch's default, True, asks for the L x S
-    weights, which the kernels never form), no ``key_padding_mask``, no ``attn_mask`` other than
-    a causal one declared with ``is_causal=True`` (as torch, the mask is then trusted to be
-    causal, and L == S), no dropout while training, no ``add_bias_kv`` or ``add_zero_attn``, and
-    tensors the kernels run on (CUDA, or CPU under TRITON_INTERPRET=1; float16/bfloat16/float32;
-    head dim <= 256). Any other call runs torch's implementation with the same arguments, after a
-    one-time warning that names the reason, so results never silently change meaning.
+    ``attn_mask`` and ``key_padding_mask`` (bool, True = may not attend, or float, added) run
+    inside the kernels; with ``is_causal=True`` the attn_mask is trusted to be causal, as torch
+    does. The fused path needs ``need_weights=False`` (torch's default, True, asks for the L x S
+    weights, which the kernels never form), no dropout while training, no ``add_bias_kv`` or
+    ``add_zero_attn``, and tensors the kernels run on (CUDA, or CPU under TRITON_INTERPRET=1;
+    float16/bfloat16/float32; head dim <= 256). Any other call runs torch's implementation with
+    the same arguments, after a one-time warning that names the reason. One deliberate
+    difference: a query that the masks leave without any key gets zeros, not torch's NaN.
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -61,25 +62,43 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         q = F.linear(query, w_q, b_q).view(batch, seq_q, self.num_heads, self.head_dim).transpose(1, 2)
         k = F.linear(key, w_k, b_k).view(batch, seq_k, self.num_heads, self.head_dim).transpose(1, 2)
         v = F.linear(value, w_v, b_v).view(batch, seq_k, self.num_heads, self.head_dim).transpose(1, 2)
-        o = attention(q, k, v, causal=is_causal).transpose(1, 2).reshape(batch, seq_q, self.embed_dim)
+        causal = is_causal and key_padding_mask is None and seq_q == seq_k  # torch trusts the hint likewise
+        bias = None if causal else self._kernel_mask(attn_mask, key_padding_mask, batch, seq_q, seq_k, q.dtype)
+        o = attention(q, k, v, causal=causal, attn_mask=bias).transpose(1, 2).reshape(batch, seq_q, self.embed_dim)
         out = self.out_proj(o)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return (out.squeeze(1) if unbatched else out), None
 
+    def _kernel_mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, batch: int,
+                     seq_q: int, seq_k: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """torch's masks (bool: True = may NOT attend; float: added) as one kernel mask, broadcastable
+        to (N, H, L, S): bool where True attends when both are bool, else a float bias."""
+        masks = []
+        if attn_mask is not None:  # (L, S) or (N * H, L, S)
+            masks.append(attn_mask if attn_mask.dim() == 2 else attn_mask.view(batch, self.num_heads, seq_q, seq_k))
+        if key_padding_mask is not None:  # (N, S), or (S,) unbatched
+            masks.append(key_padding_mask.view(-1, 1, 1, seq_k))
+        if not masks:
+            return None
+        if all(m.dtype == torch.bool for m in masks):
+            keep = ~masks[0]
+            for m in masks[1:]:
+                keep = keep & ~m
+            return keep
+        bias = None
+        for m in masks:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf")) \
+                if m.dtype == torch.bool else m.to(dtype)
+            bias = m if bias is None else bias + m
+        return bias
+
     def _why_not_fused(self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None,
                        need_weights: bool, attn_mask: torch.Tensor | None, is_causal: bool) -> str | None:
         if need_weights:
             return "need_weights=True (torch's default) asks for the attention weights; pass need_weights=False"
-        if key_padding_mask is not None:
-            return "key_padding_mask is not supported by the kernels yet"
-        if attn_mask is not None and not is_causal:
-            return "attn_mask is not supported by the kernels yet (only is_causal=True)"
         if is_causal and attn_mask is None:
             return "is_causal=True without attn_mask (torch requires the mask as well)"
-        seq_dim = 0 if query.dim() == 2 or not self.batch_first else 1
-        if is_causal and query.shape[seq_dim] != key.shape[seq_dim]:
-            return "is_causal=True with different query and key lengths (torch aligns it top-left)"
         if self.dropout > 0 and self.training:
             return "dropout is not supported by the kernels yet"
         if self.bias_k is not None or self.add_zero_attn:

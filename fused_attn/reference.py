@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_attn._checks import check_attention_inputs
+from fused_attn._checks import check_attention_inputs, check_attn_mask
 
 
 def causal_mask(seq_q: int, seq_k: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -19,10 +19,11 @@ def causal_mask(seq_q: int, seq_k: int, device: torch.device | str | None = None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: float | None = None, return_lse: bool = False
+              scale: float | None = None, return_lse: bool = False, attn_mask: torch.Tensor | None = None
               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Naive attention. q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> o (B, Hq, Sq, Dv),
-    and lse (B, Hq, Sq) float32 (float64 for float64 inputs) when return_lse. Differentiable."""
+    and lse (B, Hq, Sq) float32 (float64 for float64 inputs) when return_lse. `attn_mask` as in
+    `fused_attn.attention` (bool: True attends; float: added to the scaled scores). Differentiable."""
     scale = check_attention_inputs(
         q, k, v, scale, allowed_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
         require_unit_stride=False)
@@ -36,7 +37,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         visible = causal_mask(seq_q, seq_k, q.device)
     else:
         visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
-    has_key = visible.any(dim=-1, keepdim=True)  # (Sq, 1)
+    bias = check_attn_mask(attn_mask, q, k)
+    if bias is not None and bias.dtype == torch.bool:
+        visible = visible & bias
+    elif bias is not None:
+        scores = scores + bias.to(scores.dtype)
+        visible = visible & (bias != float("-inf"))
+    has_key = visible.any(dim=-1, keepdim=True)  # (Sq, 1), or (B, Hq, Sq, 1) with a mask
     # Rows with no visible key get finite scores so softmax and its gradient stay NaN-free,
     # then their probabilities are zeroed: the output is 0 and the lse is -inf.
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0.0)

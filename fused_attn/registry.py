@@ -53,7 +53,7 @@ def sdpa_flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this call: {reason}; "
                            "call fused_attn.deactivate() to use torch's flash kernels")
     scale = check_attention_inputs(query, key, value, scale)
-    out, lse = attention_forward_op(query, key, value, is_causal, scale)
+    out, lse = attention_forward_op(query, key, value, None, is_causal, scale)
     rng_state = torch.zeros((2,), dtype=torch.uint64, device=query.device)
     philox_offset = torch.zeros((), dtype=torch.uint64, device=query.device)
     debug_mask = torch.empty(0, dtype=query.dtype, device=query.device)
@@ -70,7 +70,8 @@ def sdpa_flash_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.
     if reason is not None:
         raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this backward: {reason}")
     scale = check_attention_inputs(query, key, value, scale)
-    dq, dk, dv = attention_backward_op(grad_out, query, key, value, out, logsumexp, is_causal, scale)
+    dq, dk, dv, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp, None, is_causal, scale,
+                                          False)
     return _like(query, dq), _like(key, dk), _like(value, dv)
 
 

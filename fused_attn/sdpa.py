@@ -1,10 +1,11 @@
 """`fused_attn.scaled_dot_product_attention`: torch's SDPA signature and semantics.
 
-What the kernels serve today runs on them: no mask or a causal one (torch's `is_causal` is
-aligned top-left, which equals fused_attn's bottom-right when L == S), GQA with `enable_gqa`,
-any `scale`. What they cannot serve yet (an `attn_mask`, dropout, `is_causal` with L != S)
-runs `torch.nn.functional.scaled_dot_product_attention` with the same arguments after a
-one-time warning that names the reason, so the result always has torch's meaning.
+Runs on the kernels: bool masks (True attends) and float masks (added to the scores) of any
+shape broadcastable to (..., Hq, L, S), read tile by tile, with a gradient for a float mask that
+requires grad; `is_causal` aligned top-left as torch does (for L != S the top-left triangle is
+passed as a mask); GQA with `enable_gqa`; any `scale`. One deliberate difference: a row that
+the mask leaves without any key returns zeros, where torch's math backend returns NaN.
+Dropout is not in the kernels yet: those calls run torch's function after a one-time warning.
 """
 from __future__ import annotations
 
@@ -21,12 +22,8 @@ _WARNED: set[str] = set()
 
 def _fallback_reason(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
                      is_causal: bool) -> str | None:
-    if attn_mask is not None:
-        return "attn_mask is not supported inside the kernels yet"
     if dropout_p > 0.0:
         return "dropout_p > 0 is not supported by the kernels yet"
-    if is_causal and query.shape[-2] != key.shape[-2]:
-        return "is_causal with L != S (torch aligns it top-left; the kernels bottom-right)"
     if query.dim() < 3:
         return f"{query.dim()}-D inputs"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -54,6 +51,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if query.dim() >= 4 and key.shape[-3] != query.shape[-3] and not enable_gqa:
         raise ValueError(f"key has {key.shape[-3]} heads and query {query.shape[-3]}: pass enable_gqa=True "
                          "for grouped-query attention (as torch requires)")
+    if is_causal and attn_mask is not None:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as torch requires)")
     reason = _fallback_reason(query, key, attn_mask, dropout_p, is_causal)
     if reason is not None:
         if reason not in _WARNED:
@@ -62,10 +61,18 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                           "scaled_dot_product_attention instead (warned once per reason)", stacklevel=2)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    seq_q, seq_k = query.shape[-2], key.shape[-2]
+    if is_causal and seq_q != seq_k:  # torch's top-left triangle differs from the kernels' bottom-right
+        attn_mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=query.device).tril()
+        is_causal = False
     if query.dim() == 3:  # (N, L, E): one head
+        mask = None if attn_mask is None else attn_mask.unsqueeze(-3) if attn_mask.dim() == 3 else attn_mask
         return attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), causal=is_causal,
-                         scale=scale).squeeze(1)
+                         scale=scale, attn_mask=mask).squeeze(1)
     lead = query.shape[:-3]
     flat = [t.reshape(-1, *t.shape[-3:]) for t in (query, key, value)]  # a view when the leading dims allow
-    out = attention(*flat, causal=is_causal, scale=scale)
+    if attn_mask is not None:
+        full = (*lead, query.shape[-3], seq_q, seq_k)
+        attn_mask = attn_mask.expand(full).reshape(-1, *full[-3:])  # a view unless batch dims must merge
+    out = attention(*flat, causal=is_causal, scale=scale, attn_mask=attn_mask)
     return out.reshape(*lead, *out.shape[-3:])

@@ -44,6 +44,19 @@ def _cast(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _apply_bias(scores, bias_base, stride_bias_m, stride_bias_n, rows, cols, seq_q, seq_k, BIAS_KIND: tl.constexpr):
+    """scores (base 2) of the tile rows x cols with the user's mask applied: BIAS_KIND 1 adds a
+    float bias (natural units, so times log2(e)), 2 keeps entries where a bool mask is True."""
+    ptrs = bias_base + rows.to(tl.int64) * stride_bias_m + cols.to(tl.int64) * stride_bias_n
+    inside = (rows < seq_q) & (cols < seq_k)
+    if BIAS_KIND == 1:
+        scores = scores + tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) * LOG2E
+    elif BIAS_KIND == 2:
+        scores = tl.where(tl.load(ptrs, mask=inside, other=0) != 0, scores, float("-inf"))
+    return scores
+
+
+@triton.jit
 def _causal_key_bounds(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr):
     """Key range of one query tile: [0, unmasked_end) needs no mask, [unmasked_end, end) does."""
@@ -61,10 +74,11 @@ def _causal_key_bounds(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                    bias_base, stride_bias_m, stride_bias_n,
                     offs_m, offs_n, offs_d, offs_dv, tile_start, tile_end,
                     seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
                     EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     k_offsets = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offsets = offs_n[:, None] * stride_vn + offs_dv[None, :]
@@ -80,11 +94,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
             k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
         qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
                   EMULATE_BF16, INPUT_PRECISION) * qk_scale_log2
-        if MASKED:
-            visible = cols[None, :] < seq_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-            qk = tl.where(visible, qk, float("-inf"))
+        if BIAS_KIND != 0:
+            qk = _apply_bias(qk, bias_base, stride_bias_m, stride_bias_n, offs_m[:, None], cols[None, :],
+                             seq_q, seq_k, BIAS_KIND)
+        if MASKED or BIAS_KIND != 0:
+            if MASKED:
+                visible = cols[None, :] < seq_k
+                if CAUSAL:
+                    visible = visible & (cols[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+                qk = tl.where(visible, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen no key yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
             m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -114,9 +132,10 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
+    BIAS, stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     num_heads_q, group_size, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
     EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program computes one BLOCK_M tile of queries of one (batch, query head)."""
@@ -134,6 +153,7 @@ def _attn_fwd(
     k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
     o_base = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + start_m.to(tl.int64) * stride_om
+    bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
 
     offs_tile_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_tile_m
@@ -150,13 +170,13 @@ def _attn_fwd(
 
     unmasked_end, end = _causal_key_bounds(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
-        0, unmasked_end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+        offs_m, offs_n, offs_d, offs_dv, 0, unmasked_end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
+        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, BIAS_KIND, EMULATE_BF16, INPUT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
-        unmasked_end, end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+        offs_m, offs_n, offs_d, offs_dv, unmasked_end, end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
+        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, BIAS_KIND, EMULATE_BF16, INPUT_PRECISION)
 
     # A row with no visible key has l = 0: its output is 0 and its lse is -inf, never NaN.
     has_key = l_i > 0.0
@@ -197,11 +217,12 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                         bias_base, stride_bias_m, stride_bias_n, dbias_base,
                          offs_n, offs_d, offs_dv, tile_start, tile_end, seq_q, seq_k,
                          head_dim, head_dim_v, qk_scale_log2,
                          BLOCK_M: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                         EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-                         EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
+                         STORE_DBIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dK and dV of one key tile over query tiles [tile_start, tile_end)."""
     offs_tile_m = tl.arange(0, BLOCK_M)
     q_offsets = offs_tile_m[:, None] * stride_qm + offs_d[None, :]
@@ -229,7 +250,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
             delta = tl.load(delta_base + offs_m)
         qk_t = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32),
                     EMULATE_BF16, INPUT_PRECISION) * qk_scale_log2
-        p_t = tl.math.exp2(qk_t - (lse * LOG2E)[None, :])
+        if BIAS_KIND != 0:
+            qk_t = _apply_bias(qk_t, bias_base, stride_bias_m, stride_bias_n, offs_m[None, :], offs_n[:, None],
+                               seq_q, seq_k, BIAS_KIND)
+        if BIAS_KIND != 0:
+            # A row the mask leaves with no key has lse = -inf: subtracting +inf gives p = 0, not NaN.
+            p_t = tl.math.exp2(qk_t - tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)[None, :])
+        else:
+            p_t = tl.math.exp2(qk_t - (lse * LOG2E)[None, :])
         if CAUSAL_MASK:
             # Selecting after exp2 also zeroes rows whose lse is -inf (they see no key at all).
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (seq_k - seq_q), p_t, 0.0)
@@ -237,6 +265,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
         dp_t = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32),
                     EMULATE_BF16, INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if STORE_DBIAS:  # d loss / d score; each (row, key) of a head is visited exactly once
+            tl.store(dbias_base + offs_m[None, :].to(tl.int64) * seq_k + offs_n[:, None], ds_t,
+                     mask=(offs_m[None, :] < seq_q) & (offs_n[:, None] < seq_k))
         dk = _dot(_cast(ds_t, q.dtype, EMULATE_BF16), q, dk, EMULATE_BF16, INPUT_PRECISION)
     return dk, dv
 
@@ -250,10 +281,11 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    BIAS, stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, DBIAS,
     num_heads_q, num_heads_kv, group_size, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
+    STORE_DBIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program owns one BLOCK_N tile of keys of one (batch, k/v head) and sums the
     contributions of every query head of its group: no atomics, so results are deterministic."""
@@ -298,19 +330,27 @@ def _attn_bwd_dkdv(
         do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         lse_base = LSE + batch_head.to(tl.int64) * seq_q
         delta_base = DELTA + batch_head.to(tl.int64) * seq_q
+        bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
+        dbias_base = DBIAS + batch_head.to(tl.int64) * seq_q * seq_k
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                bias_base, stride_bias_m, stride_bias_n, dbias_base,
                 offs_n, offs_d, offs_dv, first, diagonal_end, seq_q, seq_k, head_dim, head_dim_v,
-                qk_scale_log2, BLOCK_M, True, True, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
+                qk_scale_log2, BLOCK_M, True, True, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
+                EMULATE_BF16, INPUT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            bias_base, stride_bias_m, stride_bias_n, dbias_base,
             offs_n, offs_d, offs_dv, unmasked_start, full_end, seq_q, seq_k, head_dim, head_dim_v,
-            qk_scale_log2, BLOCK_M, False, False, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
+            qk_scale_log2, BLOCK_M, False, False, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
+            EMULATE_BF16, INPUT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            bias_base, stride_bias_m, stride_bias_n, dbias_base,
             offs_n, offs_d, offs_dv, tail_start, seq_q, seq_q, seq_k, head_dim, head_dim_v,
-            qk_scale_log2, BLOCK_M, True, False, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
+            qk_scale_log2, BLOCK_M, True, False, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
+            EMULATE_BF16, INPUT_PRECISION)
 
     dk = dk * scale
     store_k = col_ok[:, None] & (offs_d[None, :] < head_dim)
@@ -325,10 +365,11 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn,
+                       bias_base, stride_bias_m, stride_bias_n,
                        offs_m, offs_n, offs_d, offs_dv, tile_start, tile_end, seq_q, seq_k,
                        head_dim, head_dim_v, qk_scale_log2,
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                       EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                       EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
                        EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     k_offsets = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offsets = offs_n[:, None] * stride_vn + offs_dv[None, :]
@@ -347,6 +388,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, st
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
         qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
                   EMULATE_BF16, INPUT_PRECISION) * qk_scale_log2
+        if BIAS_KIND != 0:
+            qk = _apply_bias(qk, bias_base, stride_bias_m, stride_bias_n, offs_m[:, None], cols[None, :],
+                             seq_q, seq_k, BIAS_KIND)
         p = tl.math.exp2(qk - lse_log2[:, None])
         if MASKED:
             visible = cols[None, :] < seq_k
@@ -368,9 +412,10 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
+    BIAS, stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     num_heads_q, group_size, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
     EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program computes dQ for one BLOCK_M tile of queries of one (batch, query head)."""
@@ -397,19 +442,22 @@ def _attn_bwd_dq(
     lse = tl.load(LSE + batch_head.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + batch_head.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
     lse_log2 = lse * LOG2E
+    if BIAS_KIND != 0:  # a row the mask leaves with no key: subtracting +inf gives p = 0, not NaN
+        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse_log2)
+    bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
     k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     unmasked_end, end = _causal_key_bounds(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
-        0, unmasked_end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
+        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+        offs_m, offs_n, offs_d, offs_dv, 0, unmasked_end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
+        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, BIAS_KIND, EMULATE_BF16, INPUT_PRECISION)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
-        unmasked_end, end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, EMULATE_BF16, INPUT_PRECISION)
+        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+        offs_m, offs_n, offs_d, offs_dv, unmasked_end, end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
+        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, BIAS_KIND, EMULATE_BF16, INPUT_PRECISION)
 
     dq = dq * scale
     dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh

@@ -21,9 +21,9 @@ def kernel_calls(monkeypatch) -> list[bool]:
     calls: list[bool] = []
     original = fused_attn.hf.attention
 
-    def counting(q, k, v, *, causal, scale):
+    def counting(q, k, v, *, causal=False, scale=None, attn_mask=None):
         calls.append(causal)
-        return original(q, k, v, causal=causal, scale=scale)
+        return original(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask)
 
     monkeypatch.setattr(fused_attn.hf, "attention", counting)
     return calls
@@ -99,17 +99,43 @@ def test_bert_encoder_without_padding_runs_the_kernels(device: str, kernel_calls
                  golden(ids, attention_mask=mask).last_hidden_state, 2)
 
 
-def test_bert_encoder_with_padding_falls_back_with_a_warning(device: str, kernel_calls: list[bool]) -> None:
-    fused, eager, _ = _twins(transformers.BertModel, _bert_config(), device)
+def test_bert_encoder_with_padding_runs_the_mask_in_the_kernels(device: str, kernel_calls: list[bool]) -> None:
+    fused, eager, golden = _twins(transformers.BertModel, _bert_config(), device)
     ids = torch.randint(0, 97, (2, 19), device=device)
     mask = torch.ones_like(ids)
     mask[1, 11:] = 0
-    fused_attn.hf._WARNED.clear()
-    with pytest.warns(UserWarning, match="padding or custom attention mask"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         mine = fused(ids, attention_mask=mask).last_hidden_state
+    assert kernel_calls == [False, False]
+    _assert_rule("hidden", mine, eager(ids, attention_mask=mask).last_hidden_state,
+                 golden(ids, attention_mask=mask).last_hidden_state, 2)
+
+
+def test_llama_batched_generate_with_left_padding(device: str, kernel_calls: list[bool]) -> None:
+    fused, eager, _ = _twins(transformers.LlamaForCausalLM, _llama_config(), device)
+    fused.eval(), eager.eval()
+    ids = torch.randint(3, 97, (2, 10), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # the second prompt is 4 tokens shorter, padded on the left
+    ids[1, :4] = 0
+    settings = {"max_new_tokens": 6, "do_sample": False, "attention_mask": mask, "pad_token_id": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        tokens = fused.generate(ids, **settings)
+    assert torch.equal(tokens, eager.generate(ids, **settings))
+    assert len(kernel_calls) == 2 * 6
+
+
+def test_unsupported_features_fall_back_with_a_warning(device: str, kernel_calls: list[bool]) -> None:
+    config = _llama_config()
+    config.attention_dropout = 0.5
+    fused, eager, _ = _twins(transformers.LlamaForCausalLM, config, device)
+    fused.train()
+    fused_attn.hf._WARNED.clear()
+    with pytest.warns(UserWarning, match="dropout"):
+        fused(torch.randint(0, 97, (1, 7), device=device))
     assert kernel_calls == []
-    theirs = eager(ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(mine[mask.bool()], theirs[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
 def test_bart_encoder_decoder_with_cross_attention(device: str, kernel_calls: list[bool]) -> None:

@@ -65,11 +65,33 @@ def test_matches_torch_module_with_loaded_weights(embed, heads, kwargs, lengths,
         assert my_err <= (2 if i == 0 else 3) * torch_err + floor * gold.abs().max().item(), (i, my_err, torch_err)
 
 
+PADDING = torch.arange(11)[None, :] >= torch.tensor([11, 6])[:, None]  # True = a padded key (torch's convention)
+
+
+@pytest.mark.parametrize("masks", [
+    {"key_padding_mask": PADDING},
+    {"key_padding_mask": torch.zeros(2, 11).masked_fill(PADDING, float("-inf"))},
+    {"attn_mask": torch.rand(11, 11) > 0.8},
+    {"attn_mask": torch.randn(2 * 2, 11, 11), "key_padding_mask": PADDING},
+    {"attn_mask": torch.nn.Transformer.generate_square_subsequent_mask(11), "key_padding_mask": PADDING,
+     "is_causal": True},
+], ids=["padding-bool", "padding-float", "attn-bool", "attn-float+padding", "causal+padding"])
+def test_masks_run_in_the_kernels_and_match_torch(masks: dict) -> None:
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+    ours = MultiheadAttention(32, 2, batch_first=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 11, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        got, _ = ours(x, x, x, need_weights=False, **masks)
+    expected, _ = theirs(x, x, x, need_weights=False, **masks)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("call,reason", [
     (lambda m, x: m(x, x, x), "need_weights=True"),
-    (lambda m, x: m(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 11, dtype=torch.bool)),
-     "key_padding_mask"),
-    (lambda m, x: m(x, x, x, need_weights=False, attn_mask=torch.zeros(11, 11)), "attn_mask"),
+    (lambda m, x: m(x, x, x, key_padding_mask=PADDING), "need_weights=True"),
 ])
 def test_unsupported_calls_fall_back_with_a_warning_and_torchs_result(call, reason) -> None:
     torch.manual_seed(0)

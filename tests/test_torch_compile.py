@@ -18,15 +18,26 @@ OPCHECK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mask", [None, "bool", "float-grad"])
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.id)
-def test_opcheck_forward_and_backward(case: Case, device: str) -> None:
+def test_opcheck_forward_and_backward(case: Case, mask: str | None, device: str) -> None:
     q, k, v, do = make_inputs(case, device)
     scale = case.head_dim ** -0.5
+    bias = None
+    if mask == "bool":
+        bias = (torch.rand(case.batch, 1, case.seq_q, case.seq_k, device=device) > 0.3).expand(
+            case.batch, case.heads_q, case.seq_q, case.seq_k)
+    elif mask == "float-grad":
+        bias = torch.randn(case.batch, case.heads_q, case.seq_q, case.seq_k, device=device,
+                           dtype=case.dtype).requires_grad_()
     forward_args = (q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_(),
-                    case.causal, scale)
+                    bias, case.causal, scale)
     torch.library.opcheck(attention_forward_op, forward_args)
-    o, lse = attention_forward_op(q, k, v, case.causal, scale)
-    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, case.causal, scale))
+    # The backward op runs inside autograd's backward (no double backward): plain tensors in.
+    bias = None if bias is None else bias.detach()
+    with torch.no_grad():
+        o, lse = attention_forward_op(q, k, v, bias, case.causal, scale)
+    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, bias, case.causal, scale, mask == "float-grad"))
 
 
 class TinyBlock(torch.nn.Module):
