@@ -165,3 +165,15 @@ def test_set_attn_implementation_switches_an_existing_model(device: str, kernel_
     assert model.config._attn_implementation == "fused_attn"
     model(torch.randint(0, 97, (1, 5), device=device))
     assert kernel_calls == [True, True]
+
+
+def test_from_pretrained_with_attn_implementation(tmp_path, device: str, kernel_calls: list[bool]) -> None:
+    """from_pretrained on a checkpoint saved to disk (nothing downloaded)."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(_llama_config()).save_pretrained(tmp_path)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="fused_attn").to(device)
+    assert model.config._attn_implementation == "fused_attn"
+    eager = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").to(device)
+    ids = torch.randint(0, 97, (1, 12), device=device)
+    torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-4)
+    assert kernel_calls == [True, True]
