@@ -32,13 +32,15 @@ def _random_cases(count: int, seed: int = 0) -> list[dict]:
         if cases[-1]["is_causal"]:
             cases[-1]["seq_k"] = seq_q  # L != S causal is a fallback case, tested below
         cases[-1]["head_dim_v"] = rng.choice([cases[-1]["head_dim"], 24])
+        mask = rng.choice([None, None, "bool-LS", "bool-batch", "float-HLS", "float-full"])
+        cases[-1]["mask"] = None if cases[-1]["is_causal"] else mask  # torch refuses a mask with is_causal
         # A scale relative to 1/sqrt(E), so random N(0, 1) inputs give scores of realistic size.
         factor = cases[-1].pop("scale_factor")
         cases[-1]["scale"] = None if factor is None else factor / cases[-1]["head_dim"] ** 0.5
     return cases
 
 
-CASES = _random_cases(14) + [  # fixed corner: 3-D inputs
+CASES = _random_cases(18) + [  # fixed corner: 3-D inputs
     {"lead": (), "heads_q": 3, "heads_kv": 3, "enable_gqa": False, "seq_q": 21, "seq_k": 21, "head_dim": 32,
      "head_dim_v": 32, "is_causal": True, "scale": None, "dtype": torch.float32, "three_d": True},
     {"lead": (1,), "heads_q": 2, "heads_kv": 2, "enable_gqa": False, "seq_q": 1, "seq_k": 1, "head_dim": 80,
@@ -47,7 +49,7 @@ CASES = _random_cases(14) + [  # fixed corner: 3-D inputs
 
 
 def _case_id(c: dict) -> str:
-    return (f"{'x'.join(map(str, c['lead']))}-h{c['heads_q']}:{c['heads_kv']}-L{c['seq_q']}-S{c['seq_k']}-"
+    return (f"{c.get('mask') or 'nomask'}-"f"{'x'.join(map(str, c['lead']))}-h{c['heads_q']}:{c['heads_kv']}-L{c['seq_q']}-S{c['seq_k']}-"
             f"E{c['head_dim']}:{c['head_dim_v']}-{'causal' if c['is_causal'] else 'full'}-"
             f"s{'default' if c['scale'] is None else round(c['scale'], 3)}-"
             f"{str(c['dtype'])[6:]}{'-3d' if c.get('three_d') else ''}")
@@ -67,14 +69,29 @@ def test_matches_torch_sdpa(case: dict, device: str) -> None:
                   (*lead, case["heads_q"], case["seq_q"], case["head_dim_v"])]
     q, k, v, do = (torch.randn(s, generator=gen).to(device=device, dtype=case["dtype"]) for s in shapes)
     kwargs = {"is_causal": case["is_causal"], "scale": case["scale"], "enable_gqa": case["enable_gqa"]}
+    mask = case.get("mask")
+    if mask is not None:
+        seq_q, seq_k, lead = case["seq_q"], case["seq_k"], case["lead"]
+        mask_shape = {"LS": (seq_q, seq_k), "batch": (*lead, 1, seq_q, seq_k),
+                      "HLS": (case["heads_q"], seq_q, seq_k), "full": (*lead, case["heads_q"], seq_q, seq_k)}[
+                          mask.split("-")[1]]
+        if mask.startswith("bool"):
+            keep = torch.rand(mask_shape, generator=gen) > 0.4
+            keep[..., 0] = True  # torch gives NaN for a row with no key (fused_attn gives 0): keep one
+            kwargs["attn_mask"] = keep.to(device)
+        else:
+            kwargs["attn_mask"] = torch.randn(mask_shape, generator=gen).to(device=device, dtype=case["dtype"])
     results = {}
     for name, fn, dtype in (("fused", fused_attn.scaled_dot_product_attention, case["dtype"]),
                             ("plain", F.scaled_dot_product_attention, case["dtype"]),
                             ("golden", F.scaled_dot_product_attention, torch.float64)):
         leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        call_kwargs = dict(kwargs)
+        if mask is not None and mask.startswith("float"):  # torch wants a float mask in q's dtype
+            call_kwargs["attn_mask"] = kwargs["attn_mask"].to(dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("error" if name == "fused" else "default")  # no fallback here
-            out = fn(*leaves, **kwargs)
+            out = fn(*leaves, **call_kwargs)
         out.backward(do.to(dtype))
         results[name] = [out.detach()] + [t.grad for t in leaves]
     # Every gradient goes through dP - delta, two sums of size |dO| |V|: with one key both are
