@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from fused_attn._launch import _empty_like_layout, attention_backward, attention_forward
+from fused_attn._launch import _empty_like_layout, _layout_strides, attention_backward, attention_forward
 
 
 def _in_layout_of(ref: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    out = _empty_like_layout(ref, tuple(result.shape), result.dtype)
-    if out.stride() == result.stride():
+    shape = tuple(result.shape)
+    if result.stride() == _layout_strides(ref, shape):  # the usual case: no allocation, no copy
         return result
-    return out.copy_(result)
+    return _empty_like_layout(ref, shape, result.dtype).copy_(result)
 
 
 @torch.library.custom_op("fused_attn::attention_forward", mutates_args=())

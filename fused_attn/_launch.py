@@ -75,11 +75,23 @@ def _kernel_flags(q: torch.Tensor) -> dict[str, object]:
     return {"EMULATE_BF16": interpreting() and q.dtype == torch.bfloat16, "INPUT_PRECISION": precision}
 
 
+def _keeps_bshd(ref: torch.Tensor, heads: int, seq: int) -> bool:
+    return ref.stride(1) < ref.stride(2) and heads > 1 and seq > 1
+
+
+def _layout_strides(ref: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The strides `_empty_like_layout(ref, shape, ...)` gives, without allocating."""
+    batch, heads, seq, dim = shape
+    if _keeps_bshd(ref, heads, seq):
+        return (seq * heads * dim, dim, heads * dim, 1)
+    return (heads * seq * dim, seq * dim, dim, 1)
+
+
 def _empty_like_layout(ref: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
     """Allocate (B, H, S, D); when `ref` is a (B, S, H, D) tensor seen through .transpose(1, 2),
     keep that layout so the caller can transpose back without a copy."""
     batch, heads, seq, dim = shape
-    if ref.stride(1) < ref.stride(2) and heads > 1 and seq > 1:
+    if _keeps_bshd(ref, heads, seq):
         return torch.empty((batch, seq, heads, dim), dtype=dtype, device=ref.device).transpose(1, 2)
     return torch.empty(shape, dtype=dtype, device=ref.device)
 

@@ -39,6 +39,8 @@ def _unsupported(query: torch.Tensor, key: torch.Tensor, dropout_p: float, is_ca
 
 def _like(ref: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """`result` in `ref`'s memory layout, as the aten op's meta function promises."""
+    if result.stride() == ref.stride():  # the usual case (a dense ref): no allocation, no copy
+        return result
     out = torch.empty_like(ref, dtype=result.dtype)
     return result if out.stride() == result.stride() else out.copy_(result)
 
