@@ -81,3 +81,110 @@ def check_attn_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Te
     except RuntimeError:
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads_q, "
                          f"seq_q, seq_k) = {target}") from None
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_window(window: tuple[int, int] | None, causal: bool) -> tuple[int, int]:
+    """(left, right) keys each query may see around its diagonal, -1 for unbounded; causal is
+    right = 0. A right bound above 0 contradicts causal and is refused rather than dropped."""
+    if window is None:
+        left, right = -1, -1
+    else:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or any(isinstance(w, bool) or not isinstance(w, int) for w in window)):
+            raise TypeError(f"window must be a pair of ints (left, right), -1 for unbounded, got {window!r}")
+        left, right = window
+        if left < -1 or right < -1:
+            raise ValueError(f"window sizes must be >= 0, or -1 for unbounded, got {tuple(window)}")
+    if causal:
+        if right > 0:
+            raise ValueError(f"window={tuple(window)} lets queries see {right} keys past the diagonal, but causal=True "  # type: ignore[arg-type]
+                             "allows none: pass window=(left, 0), or causal=False")
+        right = 0
+    return left, right
+
+
+def _check_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_softcap(softcap: float) -> float:
+    softcap = _check_float("softcap", softcap)
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 turns it off), got {softcap}")
+    return softcap
+
+
+def check_dropout(dropout_p: float) -> float:
+    dropout_p = _check_float("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def check_alibi_slopes(alibi_slopes: torch.Tensor | None, batch: int, heads_q: int, device: torch.device
+                       ) -> torch.Tensor | None:
+    """Slopes (Hq,) or (B, Hq) as a contiguous float32 tensor (a copy when needed; never the
+    caller's tensor modified). The kernels compute no gradient for them."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if not alibi_slopes.dtype.is_floating_point:
+        raise TypeError(f"alibi_slopes must have a float dtype, got {str(alibi_slopes.dtype).replace('torch.', '')}")
+    if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(f"alibi_slopes must have shape (heads_q,) = ({heads_q},) or (batch, heads_q) = "
+                         f"({batch}, {heads_q}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
+    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes requires grad, but the kernels compute no gradient for the slopes: "
+                         "pass alibi_slopes.detach()")
+    return alibi_slopes.detach().to(torch.float32).contiguous()
+
+
+def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> int:
+    """Validate packed q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) and their
+    sequence boundaries; return the number of sequences. Reads cu_seqlens on the host: a wrong
+    boundary or a max_seqlen below the longest sequence would otherwise compute garbage."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dimensions (total_tokens, heads, head_dim) for packed "
+                             f"sequences, got shape {tuple(t.shape)}")
+    lengths = {}
+    for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of sequence starts plus the total, got "
+                             f"dtype {str(cu.dtype).replace('torch.', '')} and shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+        bounds = cu.tolist()
+        if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+            raise ValueError(f"{name} must start at 0, never decrease and end at the total token count {total}, "
+                             f"got {bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
+        max_name = "max_seqlen_" + name[-1]
+        if isinstance(longest, bool) or not isinstance(longest, int):
+            raise TypeError(f"{max_name} must be an int, got {type(longest).__name__}")
+        actual = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+        if longest < actual:
+            raise ValueError(f"{max_name} is {longest} but {name} holds a sequence of length {actual}")
+        lengths[name] = len(bounds)
+    if lengths["cu_seqlens_q"] != lengths["cu_seqlens_k"]:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{lengths['cu_seqlens_q'] - 1} and {lengths['cu_seqlens_k'] - 1}")
+    return lengths["cu_seqlens_q"] - 1

@@ -3,12 +3,14 @@
 `fused_attn::attention_forward` and `fused_attn::attention_backward` have fake (meta)
 implementations, so torch.compile and torch.export trace through them without a graph break,
 and the forward has an autograd formula (torch builds the autograd.Function from it) that saves
-q, k, v, o and lse, O(S) memory, and calls the backward op.
+q, k, v, o and lse, O(S) memory, and calls the backward op. Dropout saves only its seed: the
+backward regenerates the mask.
 
 Output layouts are part of an op's contract (a fake tensor must have the real one's strides):
 o, dq, dk, dv are allocated like `_launch._empty_like_layout` of the matching input, so a
 (B, S, H, D) view in gives a (B, S, H, D)-backed result out; a launcher result with other
-strides (a head dim padded to 16) is copied into that layout.
+strides (a head dim padded to 16) is copied into that layout. Packed (varlen) results are
+contiguous (total, H, D) tensors.
 """
 from __future__ import annotations
 
@@ -16,29 +18,70 @@ from typing import Any
 
 import torch
 
-from fused_attn._launch import _empty_like_layout, _layout_strides, attention_backward, attention_forward
+from fused_attn._launch import Variant, _empty_like_layout, _layout_strides, attention_backward, attention_forward
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, running = [], 1
+    for size in reversed(shape):
+        strides.append(running)
+        running *= size
+    return tuple(reversed(strides))
 
 
 def _in_layout_of(ref: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     shape = tuple(result.shape)
+    if ref.dim() == 3:  # packed input: results are plain contiguous (total, H, D)
+        if result.stride() == _contiguous_strides(shape):
+            return result
+        return torch.empty(shape, dtype=result.dtype, device=result.device).copy_(result)
     if result.stride() == _layout_strides(ref, shape):  # the usual case: no allocation, no copy
         return result
     return _empty_like_layout(ref, shape, result.dtype).copy_(result)
 
 
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """(total, H, D) packed input as the (1, H, total, D) view the launchers index."""
+    return t.unsqueeze(0).transpose(1, 2) if t.dim() == 3 else t
+
+
+def _from_4d(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return t[0].transpose(0, 1) if ref.dim() == 3 else t
+
+
+def _variant(bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+             cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float, window_left: int,
+             window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int) -> Variant:
+    seed = int(dropout_seed.item()) if dropout_p > 0 and dropout_seed is not None else 0
+    return Variant(scale=scale, window_left=window_left, window_right=window_right, softcap=softcap, bias=bias,
+                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=seed, cu_seqlens_q=cu_seqlens_q,
+                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
 @torch.library.custom_op("fused_attn::attention_forward", mutates_args=())
 def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                         causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32. `bias`: None, or 4-D and
-    broadcastable to (B, Hq, Sq, Sk), float (added) or bool (True attends). Inputs are validated
+                         alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                         cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float,
+                         window_left: int, window_right: int, softcap: float, dropout_p: float,
+                         max_seqlen_q: int, max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32; for packed input (q (total_q, Hq, D)
+    with cu_seqlens) o (total_q, Hq, Dv) and lse (Hq, total_q). Causal is window_right = 0.
+    `dropout_seed` is an int64 scalar tensor (read only when dropout_p > 0). Inputs are validated
     by the caller."""
-    o, lse = attention_forward(q, k, v, causal, scale, bias)
-    return _in_layout_of(q, o), lse
+    variant = _variant(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left,
+                       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    o, lse = attention_forward(_as_4d(q), _as_4d(k), _as_4d(v), variant)
+    return _in_layout_of(q, _from_4d(q, o)), lse
 
 
 @attention_forward_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, causal: bool,
-      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+      alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+      dropout_seed: torch.Tensor | None, scale: float, window_left: int, window_right: int, softcap: float,
+      dropout_p: float, max_seqlen_q: int, max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.dim() == 3:
+        total_q, heads_q, _ = q.shape
+        return q.new_empty((total_q, heads_q, v.shape[2])), q.new_empty((heads_q, total_q), dtype=torch.float32)
     batch, heads_q, seq_q, _ = q.shape
     o = _empty_like_layout(q, (batch, heads_q, seq_q, v.shape[3]), q.dtype)
     return o, q.new_empty((batch, heads_q, seq_q), dtype=torch.float32)
@@ -46,40 +89,65 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | No
 
 @torch.library.custom_op("fused_attn::attention_backward", mutates_args=())
 def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          o: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None, causal: bool,
-                          scale: float, bias_grad: bool
+                          o: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None,
+                          alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                          cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float,
+                          window_left: int, window_right: int, softcap: float, dropout_p: float,
+                          max_seqlen_q: int, max_seqlen_k: int, bias_grad: bool
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv with the shapes and dtypes of q, k, v, and the float32 score gradient
     (B, Hq, Sq, Sk) when `bias_grad` (an empty tensor otherwise). Deterministic: no atomics."""
-    dq, dk, dv, dbias = attention_backward(do, q, k, v, o, lse, causal, scale, bias, bias_grad)
+    variant = _variant(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left,
+                       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    dq, dk, dv, dbias = attention_backward(_as_4d(do), _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse,
+                                           variant, bias_grad)
     if dbias is None:
         dbias = q.new_empty((0,), dtype=torch.float32)
-    return _in_layout_of(q, dq), _in_layout_of(k, dk), _in_layout_of(v, dv), dbias
+    return (_in_layout_of(q, _from_4d(q, dq)), _in_layout_of(k, _from_4d(k, dk)), _in_layout_of(v, _from_4d(v, dv)),
+            dbias)
 
 
 @attention_backward_op.register_fake
 def _(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-      lse: torch.Tensor, bias: torch.Tensor | None, causal: bool, scale: float,
-      bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+      lse: torch.Tensor, bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+      cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None,
+      scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int,
+      max_seqlen_k: int, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.dim() == 3:
+        grads = tuple(t.new_empty(t.shape) for t in (q, k, v))
+        return (*grads, q.new_empty((0,), dtype=torch.float32))  # type: ignore[return-value]
     batch, heads_q, seq_q, _ = q.shape
     dbias_shape = (batch, heads_q, seq_q, k.shape[2]) if bias_grad else (0,)
     grads = tuple(_empty_like_layout(t, tuple(t.shape), t.dtype) for t in (q, k, v))
     return (*grads, q.new_empty(dbias_shape, dtype=torch.float32))  # type: ignore[return-value]
 
 
+_TENSOR_INPUTS = 8  # q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed
+
+
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    q, k, v, bias, causal, scale = inputs
+    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed = inputs[:_TENSOR_INPUTS]
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, bias)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed)
+    ctx.settings = inputs[_TENSOR_INPUTS:]  # scale, window_left, window_right, softcap, dropout_p, max_seqlen_q/k
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    q, k, v, o, lse, bias = ctx.saved_tensors
+    q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = attention_backward_op(do, q, k, v, o, lse, bias, ctx.causal, ctx.scale, bias_grad)
-    return dq, dk, dv, dbias.to(bias.dtype) if bias_grad else None, None, None
+    dq, dk, dv, dbias = attention_backward_op(do, q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                                              dropout_seed, *ctx.settings, bias_grad)
+    no_grads = (None,) * (_TENSOR_INPUTS - 4 + len(ctx.settings))
+    return (dq, dk, dv, dbias.to(bias.dtype) if bias_grad else None, *no_grads)
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, window: tuple[int, int] = (-1, -1),
+            bias: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0,
+            dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward op for padded input with keywords (causal is window (-1, 0)): o, lse."""
+    return attention_forward_op(q, k, v, bias, alibi_slopes, None, None, dropout_seed, scale, window[0], window[1],
+                                softcap, dropout_p, 0, 0)

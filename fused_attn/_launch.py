@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -130,7 +131,7 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(3))  # type: ignore[return-value]
 
 
-def _bias_args(bias: torch.Tensor | None, q: torch.Tensor) -> tuple[object, ...]:
+def _bias_args(bias: torch.Tensor | None, q: torch.Tensor) -> tuple[tuple[object, ...], int]:
     """(pointer, 4 strides) for the kernels' BIAS argument, and BIAS_KIND: 0 none, 1 float
     added to the scores, 2 bool (True attends). A broadcast dimension has stride 0."""
     if bias is None:
@@ -139,44 +140,107 @@ def _bias_args(bias: torch.Tensor | None, q: torch.Tensor) -> tuple[object, ...]
     return (bias, *strides), 2 if bias.dtype == torch.bool else 1
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                      scale: float, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32, natural log. `bias`, if given,
-    is 4-D and broadcastable to (B, Hq, Sq, Sk): float (added to the scores) or bool (True attends)."""
-    batch, heads_q, seq_q, _ = q.shape
-    heads_kv, seq_k, head_dim_v_out = k.shape[1], k.shape[2], v.shape[3]
-    lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    if batch * heads_q * seq_q == 0 or seq_k == 0:
-        o = _empty_like_layout(q, (batch, heads_q, seq_q, head_dim_v_out), q.dtype)
+@dataclass(frozen=True)
+class Variant:
+    """Everything about a call besides q, k, v: validated by fused_attn._checks before it gets here.
+
+    window_left / window_right: -1 is unbounded; causal is window_right = 0 (merged in by the caller).
+    softcap: 0 is off. dropout_p: 0 is off, and then dropout_seed is unused.
+    cu_seqlens_q / cu_seqlens_k: int32 (num_seqs + 1,) for packed input, with max_seqlen_q / _k.
+    """
+
+    scale: float
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    bias: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+
+def _variant_args(variant: Variant, q: torch.Tensor, stride_lse: tuple[int, int]) -> tuple[tuple[object, ...], dict[str, object]]:
+    """The kernels' arguments from LSE's strides up to dropout_seed, after the shared strides, and
+    the variant constexprs. `q` stands in for absent pointers (never read)."""
+    bias_args, bias_kind = _bias_args(variant.bias, q)
+    slopes = variant.alibi_slopes
+    alibi_args = (q, 0) if slopes is None else (slopes, slopes.stride(0) if slopes.dim() == 2 else 0)
+    cu_q = variant.cu_seqlens_q if variant.is_varlen else q
+    cu_k = variant.cu_seqlens_k if variant.is_varlen else q
+    softcap = variant.softcap
+    args = (*stride_lse, *bias_args, *alibi_args, cu_q, cu_k)
+    tail = (variant.window_left, variant.window_right,
+            variant.scale / softcap if softcap > 0 else 0.0, softcap * math.log2(math.e),
+            variant.dropout_p, variant.dropout_seed)
+    flags = {"LIMIT_LEFT": variant.window_left >= 0, "LIMIT_RIGHT": variant.window_right >= 0,
+             "BIAS_KIND": bias_kind, "HAS_ALIBI": slopes is not None, "HAS_SOFTCAP": softcap > 0,
+             "HAS_DROPOUT": variant.dropout_p > 0, "IS_VARLEN": variant.is_varlen}
+    return (args, tail), flags
+
+
+def _problem(q: torch.Tensor, k: torch.Tensor, variant: Variant) -> tuple[int, int, int]:
+    """(sequences, longest query length, longest key length): what the grid is sized by."""
+    if variant.is_varlen:
+        return variant.cu_seqlens_q.shape[0] - 1, variant.max_seqlen_q, variant.max_seqlen_k
+    return q.shape[0], q.shape[2], k.shape[2]
+
+
+def _lse_strides(q: torch.Tensor, variant: Variant) -> tuple[int, int]:
+    """lse is (B, Hq, Sq) for padded input and (Hq, total_q) for packed input, as in FlashAttention-2."""
+    heads_q, seq_q = q.shape[1], q.shape[2]
+    return (0, seq_q) if variant.is_varlen else (heads_q * seq_q, seq_q)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32, natural log.
+
+    Packed input arrives as (1, H, total, D) views of (total, H, D) tensors; lse is then (Hq, total_q)."""
+    _, heads_q, seq_q, _ = q.shape
+    heads_kv, head_dim_v_out = k.shape[1], v.shape[3]
+    batch, max_q, max_k = _problem(q, k, variant)
+    lse_shape = (heads_q, seq_q) if variant.is_varlen else (q.shape[0], heads_q, seq_q)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if batch * heads_q * max_q == 0 or max_k == 0:
+        o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, head_dim_v_out), q.dtype)
         return o.zero_(), lse.fill_(-math.inf)  # no key at all: every row attends to nothing
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     head_dim, head_dim_v = q.shape[3], v.shape[3]
-    o = _empty_like_layout(q, (batch, heads_q, seq_q, head_dim_v), q.dtype)
+    o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, head_dim_v), q.dtype)
     cfg = _select_configs(q, head_dim, head_dim_v).forward
     block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
-    bias_args, bias_kind = _bias_args(bias, q)
-    _kernels._attn_fwd[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
+    (args, tail), flags = _variant_args(variant, q, _lse_strides(q, variant))
+    _kernels._attn_fwd[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
         q, k, v, o, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *bias_args,
-        heads_q, heads_q // heads_kv, seq_q, seq_k, head_dim, head_dim_v, scale * math.log2(math.e),
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *args,
+        heads_q, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, variant.scale * math.log2(math.e),
+        *tail,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        CAUSAL=causal, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, BIAS_KIND=bias_kind,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
     )
     return o[..., :head_dim_v_out], lse
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                       bias: torch.Tensor | None = None, bias_grad: bool = False
+                       o: torch.Tensor, lse: torch.Tensor, variant: Variant, bias_grad: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dq, dk, dv with the shapes, dtypes and layouts of q, k, v, and with `bias_grad` the float32
     gradient of the scores, (B, Hq, Sq, Sk) (the bias's gradient before broadcasting is undone).
     Deterministic: no atomics."""
-    batch, heads_q, seq_q, head_dim_out = q.shape
+    _, heads_q, seq_q, head_dim_out = q.shape
     heads_kv, seq_k, head_dim_v_out = k.shape[1], k.shape[2], v.shape[3]
+    batch, max_q, max_k = _problem(q, k, variant)
     dbias = torch.zeros((batch, heads_q, seq_q, seq_k), dtype=torch.float32, device=q.device) if bias_grad else None
-    if batch * heads_q * seq_q == 0 or seq_k == 0:
+    if batch * heads_q * max_q == 0 or max_k == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -188,35 +252,50 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     configs = _select_configs(q, head_dim, head_dim_v)
     block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
     flags = _kernel_flags(q)
-    qk_scale_log2 = scale * math.log2(math.e)
+    qk_scale_log2 = variant.scale * math.log2(math.e)
 
-    delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    # delta and lse_log2 have lse's layout: (B, Hq, Sq), or (Hq, total_q) for packed input (then q.shape[0] is 1).
+    delta, lse_log2 = torch.empty_like(lse), torch.empty_like(lse)
     pre_block = preprocess_block_m(block_dv, q.element_size())
-    _kernels._attn_bwd_preprocess[_grid(triton.cdiv(seq_q, pre_block) * batch * heads_q)](
-        o, do, delta, *_strides3(o), *_strides3(do), heads_q, seq_q, head_dim_v,
+    _kernels._attn_bwd_preprocess[_grid(triton.cdiv(seq_q, pre_block) * q.shape[0] * heads_q)](
+        o, do, lse, delta, lse_log2, *_strides3(o), *_strides3(do), heads_q, seq_q, head_dim_v,
         BLOCK_M=pre_block, BLOCK_DV=block_dv,
     )
 
-    bias_args, bias_kind = _bias_args(bias, q)
+    (args, tail), variant_flags = _variant_args(variant, q, _lse_strides(q, variant))
     cfg = configs.backward_dkdv
-    _kernels._attn_bwd_dkdv[_grid(triton.cdiv(seq_k, cfg.block_n) * batch * heads_kv)](
-        q, k, v, do, lse, delta, dk, dv,
+    _kernels._attn_bwd_dkdv[_grid(triton.cdiv(max_k, cfg.block_n) * batch * heads_kv)](
+        q, k, v, do, lse_log2, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-        *bias_args, dbias if dbias is not None else lse,
-        heads_q, heads_kv, heads_q // heads_kv, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, BIAS_KIND=bias_kind,
-        STORE_DBIAS=dbias is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        *args[:7], dbias if dbias is not None else lse, *args[7:],
+        heads_q, heads_kv, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, qk_scale_log2, variant.scale,
+        *tail,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, STORE_DBIAS=dbias is not None,
+        **variant_flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
 
     cfg = configs.backward_dq
-    _kernels._attn_bwd_dq[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
-        q, k, v, do, lse, delta, dq,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), *bias_args,
-        heads_q, heads_q // heads_kv, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, BIAS_KIND=bias_kind,
+    _kernels._attn_bwd_dq[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
+        q, k, v, do, lse_log2, delta, dq,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), *args,
+        heads_q, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, qk_scale_log2, variant.scale,
+        *tail,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **variant_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
     return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out], dbias
+
+
+def dropout_mask(batch: int, heads: int, seq_q: int, seq_k: int, dropout_p: float, seed: int,
+                 device: torch.device) -> torch.Tensor:
+    """Bool (batch, heads, seq_q, seq_k): True where the kernels keep a probability."""
+    mask = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
+    if mask.numel() == 0:
+        return mask.bool()
+    block_m, block_n = 32, 64
+    programs = triton.cdiv(seq_q, block_m) * triton.cdiv(seq_k, block_n) * batch * heads
+    _kernels._dropout_mask[_grid(programs)](mask, heads, seq_q, seq_k, dropout_p, seed,
+                                             BLOCK_M=block_m, BLOCK_N=block_n)
+    return mask.bool()

@@ -62,8 +62,12 @@ _KERNEL_FUNCTIONS = {"fwd": "_attn_fwd", "preprocess": "_attn_bwd_preprocess",
                      "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
 DTYPES_BY_ELEMENT_SIZE: dict[int, tuple[str, ...]] = {2: ("fp16", "bf16"), 4: ("fp32",)}
 _ELEMENT_SIZES = {dtype: size for size, dtypes in DTYPES_BY_ELEMENT_SIZE.items() for dtype in dtypes}
-_POINTER_ARGS_FP32 = ("LSE", "DELTA", "DBIAS")  # always float32, whatever q's dtype
-_FLOAT_ARGS = ("qk_scale_log2", "scale")
+_POINTER_ARGS_FP32 = ("LSE", "LSE_LOG2", "DELTA", "DBIAS", "ALIBI")  # always float32, whatever q's dtype
+_POINTER_ARGS_INT32 = ("CU_SEQLENS_Q", "CU_SEQLENS_K")
+_FLOAT_ARGS = ("qk_scale_log2", "scale", "softcap_in", "softcap_out_log2", "dropout_p")
+_INT64_ARGS = ("dropout_seed",)
+# Strides the launcher derives from lengths or small tensors: not multiples of 16 in general.
+_UNALIGNED_STRIDES = ("stride_lse_b", "stride_lse_h", "stride_alibi_b")
 _PREPROCESS_NUM_WARPS = 4  # fused_attn/_launch.py passes none: Triton's default
 
 ENV_ERROR_EXIT = 3
@@ -139,6 +143,7 @@ class CompileJob:
     num_stages: int | None  # None: Triton's default (the preprocess launch passes none)
     input_precision: str
     variant: str = DEFAULT_VARIANT  # one of VARIANTS
+    features: tuple[str, ...] = ()  # variant constexprs switched on, e.g. ("HAS_DROPOUT", "IS_VARLEN")
 
     @property
     def in_known_spills(self) -> bool:
@@ -254,12 +259,19 @@ def _signature(fn: Any, dtype: str, variant: str = DEFAULT_VARIANT
             signature[name] = "constexpr"
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
-        elif name.isupper():  # tensors: Q, K, V, O, LSE, DELTA, DO, DK, DV, DQ
-            signature[name] = "*fp32" if name in _POINTER_ARGS_FP32 else f"*{dtype}"
+        elif name in _INT64_ARGS:
+            signature[name] = "i64"
+        elif name.isupper():  # tensors: Q, K, V, O, LSE, DELTA, DO, DK, DV, DQ, BIAS, ALIBI, CU_SEQLENS_*
+            if name in _POINTER_ARGS_FP32:
+                signature[name] = "*fp32"
+            elif name in _POINTER_ARGS_INT32:
+                signature[name] = "*i32"
+            else:
+                signature[name] = f"*{dtype}"
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:  # strides, head counts, lengths, head dims
             signature[name] = "i32"
-            if variant == "aligned" and name.startswith(("stride_", "head_dim")):
+            if variant == "aligned" and name.startswith(("stride_", "head_dim")) and name not in _UNALIGNED_STRIDES:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, attrs
 
@@ -275,10 +287,11 @@ def _constexprs(fn: Any, job: CompileJob) -> dict[str, Any]:
         known: dict[str, Any] = {"BLOCK_M": job.block_m, "BLOCK_DV": job.head_dim}
     else:
         known = {"BLOCK_M": job.block_m, "BLOCK_N": job.block_n, "BLOCK_D": job.head_dim,
-                 "BLOCK_DV": job.head_dim, "CAUSAL": True, "EVEN_D": False, "EVEN_DV": False,
+                 "BLOCK_DV": job.head_dim, "LIMIT_RIGHT": True, "EVEN_D": False, "EVEN_DV": False,
                  "INPUT_PRECISION": job.input_precision,
-                 # The report covers calls without attn_mask; the mask variants are not compiled here.
+                 # The plain rows cover calls without attn_mask or variants; `features` turns them on.
                  "BIAS_KIND": 0, "STORE_DBIAS": False}
+        known.update({name: (1 if name == "BIAS_KIND" else True) for name in job.features})
     values: dict[str, Any] = {}
     for param in fn.params:
         if not param.is_constexpr:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fused_attn._checks import check_attention_inputs
-from fused_attn._function import attention_backward_op, attention_forward_op
+from fused_attn._function import attention_backward_op, forward
 
 IMPL_NAME = "fused_attn"
 _OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")
@@ -55,7 +55,7 @@ def sdpa_flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this call: {reason}; "
                            "call fused_attn.deactivate() to use torch's flash kernels")
     scale = check_attention_inputs(query, key, value, scale)
-    out, lse = attention_forward_op(query, key, value, None, is_causal, scale)
+    out, lse = forward(query, key, value, scale, window=(-1, 0 if is_causal else -1))
     rng_state = torch.zeros((2,), dtype=torch.uint64, device=query.device)
     philox_offset = torch.zeros((), dtype=torch.uint64, device=query.device)
     debug_mask = torch.empty(0, dtype=query.dtype, device=query.device)
@@ -72,8 +72,8 @@ def sdpa_flash_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.
     if reason is not None:
         raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this backward: {reason}")
     scale = check_attention_inputs(query, key, value, scale)
-    dq, dk, dv, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp, None, is_causal, scale,
-                                          False)
+    dq, dk, dv, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp, None, None, None, None, None,
+                                          scale, -1, 0 if is_causal else -1, 0.0, 0.0, 0, 0, False)
     return _like(query, dq), _like(key, dk), _like(value, dv)
 
 

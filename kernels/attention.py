@@ -1,17 +1,28 @@
 """Tiled online-softmax attention: forward, backward pre-pass, dK/dV and dQ kernels.
 
 Notation (shared by every kernel in this file):
-    B        batch
+    B        batch (or, for packed variable-length input, the number of sequences)
     HQ, HKV  query heads and key/value heads; GROUP = HQ // HKV query heads share one k/v head
     SEQ_Q    query length (M axis), SEQ_K key length (N axis)
     HEAD_DIM, HEAD_DIM_V   q/k and v head dims; BLOCK_D, BLOCK_DV are their power-of-two padding
     qk_scale_log2          softmax scale * log2(e): scores are kept in base 2 so exp2 is used
 
-Causal masking is aligned bottom-right: query row i sees key j when j <= i + SEQ_K - SEQ_Q.
+Every variant is a constexpr of the same kernels:
+    LIMIT_RIGHT / LIMIT_LEFT  a band of keys, aligned bottom-right: query i sees key j when
+                 i + SEQ_K - SEQ_Q - window_left <= j <= i + SEQ_K - SEQ_Q + window_right.
+                 Causal is LIMIT_RIGHT with window_right = 0.
+    HAS_SOFTCAP  scores become softcap * tanh(scores / softcap) (before any bias).
+    HAS_ALIBI    adds -slope[b, h] * |i + SEQ_K - SEQ_Q - j| to the scores.
+    BIAS_KIND    1: a float bias added to the scores; 2: a bool mask (True attends).
+    HAS_DROPOUT  drops probabilities with a Philox counter-based RNG keyed by (seed, batch,
+                 query head, row, key), so the backward regenerates the very same mask.
+    IS_VARLEN    packed sequences: CU_SEQLENS_Q/K hold each sequence's start, and seq_q/seq_k
+                 arrive as the longest lengths (they size the grid).
 Per program the key (or query) range is split into tiles that need no mask, which run through
-the fast loop, and tiles on the causal diagonal or the ragged end, which run through the masked
-loop. Base offsets are 64-bit so tensors with more than 2**31 elements are addressed correctly,
-and the grid is one-dimensional so B * HQ is not capped at 65,535.
+the fast loop, and tiles that cross the band's edges or the ragged end, which run through the
+masked loop; tiles outside the band are never visited. Base offsets are 64-bit so tensors with
+more than 2**31 elements are addressed correctly, and the grid is one-dimensional so B * HQ is
+not capped at 65,535.
 
 This module holds Triton code only; launchers live in fused_attn/_launch.py.
 """
@@ -44,6 +55,37 @@ def _cast(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """float32 tanh within about 3 ulp, identical on the GPU and in the interpreter (libdevice's
+    tanh has no interpreter counterpart, and 1 - 2 / (e^2x + 1) loses the small values softcap
+    sees most): a Taylor polynomial below |x| = 0.55, (1 - e^-2|x|) / (1 + e^-2|x|) above."""
+    near_zero = tl.abs(x) < 0.55
+    small = tl.where(near_zero, x, 0.0)
+    x2 = small * small
+    poly = -929569.0 / 638512875.0
+    poly = poly * x2 + 21844.0 / 6081075.0
+    poly = poly * x2 - 1382.0 / 155925.0
+    poly = poly * x2 + 62.0 / 2835.0
+    poly = poly * x2 - 17.0 / 315.0
+    poly = poly * x2 + 2.0 / 15.0
+    poly = poly * x2 - 1.0 / 3.0
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|)
+    large = (1.0 - e) / (1.0 + e)
+    return tl.where(near_zero, small + small * x2 * poly, tl.where(x < 0, -large, large))
+
+
+@triton.jit
+def _dropout_keep(seed, batch, head, rows, cols, dropout_p):
+    """True where the probability of (batch, query head, row, key) survives dropout. rows and
+    cols are int32 blocks of positions within the sequence that broadcast to the tile's shape;
+    each element gets its own Philox counter, so any tiling regenerates the same mask."""
+    cols_tile = cols + rows * 0
+    rows_tile = rows + cols * 0
+    random, _, _, _ = tl.philox(seed, cols_tile, rows_tile, rows_tile * 0 + head, rows_tile * 0 + batch)
+    return tl.uint_to_uniform_float(random) >= dropout_p
+
+
+@triton.jit
 def _apply_bias(scores, bias_base, stride_bias_m, stride_bias_n, rows, cols, seq_q, seq_k, BIAS_KIND: tl.constexpr):
     """scores (base 2) of the tile rows x cols with the user's mask applied: BIAS_KIND 1 adds a
     float bias (natural units, so times log2(e)), 2 keeps entries where a bool mask is True."""
@@ -57,29 +99,92 @@ def _apply_bias(scores, bias_base, stride_bias_m, stride_bias_n, rows, cols, seq
 
 
 @triton.jit
-def _causal_key_bounds(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr):
-    """Key range of one query tile: [0, unmasked_end) needs no mask, [unmasked_end, end) does."""
-    if CAUSAL:
-        diagonal = seq_k - seq_q
-        end = tl.minimum(seq_k, tl.maximum(start_m + BLOCK_M + diagonal, 0))
-        # Keys below the first row's limit are visible to every row of the tile.
-        unmasked_end = tl.maximum(start_m + 1 + diagonal, 0) // BLOCK_N * BLOCK_N
+def _scores(s, rows, cols, seq_q, seq_k, qk_scale_log2, softcap_in, softcap_out_log2, alibi_slope_log2,
+            bias_base, stride_bias_m, stride_bias_n, window_left, window_right,
+            CHECK_KEYS: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+            BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Base-2 scores of one tile from s = q k^T (rows and cols broadcast to its shape), and
+    tanh(s * scale / softcap), which the gradient needs (s itself without softcap). Order as in
+    FlashAttention-2 and Gemma 2: scale, softcap, then ALiBi and the user's bias, then the band.
+    Only the checks a loop needs are compiled in: CHECK_KEYS (key past seq_k), MASK_LEFT and
+    MASK_RIGHT (the band's edges)."""
+    if HAS_SOFTCAP:
+        tanh_s = _tanh(s * softcap_in)
+        qk = tanh_s * softcap_out_log2
     else:
-        end = seq_k
-        unmasked_end = seq_k
-    unmasked_end = tl.minimum(unmasked_end, seq_k // BLOCK_N * BLOCK_N)
-    return unmasked_end, end
+        tanh_s = s
+        qk = s * qk_scale_log2
+    if HAS_ALIBI:
+        qk = qk - alibi_slope_log2 * tl.abs((rows + (seq_k - seq_q) - cols).to(tl.float32))
+    if BIAS_KIND != 0:
+        qk = _apply_bias(qk, bias_base, stride_bias_m, stride_bias_n, rows, cols, seq_q, seq_k, BIAS_KIND)
+    if CHECK_KEYS:
+        qk = tl.where(cols < seq_k, qk, float("-inf"))
+    if MASK_RIGHT:
+        qk = tl.where(cols <= rows + (seq_k - seq_q + window_right), qk, float("-inf"))
+    if MASK_LEFT:
+        qk = tl.where(cols >= rows + (seq_k - seq_q - window_left), qk, float("-inf"))
+    return qk, tanh_s
+
+
+@triton.jit
+def _key_range(start_m, seq_q, seq_k, window_left, window_right, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr):
+    """Keys of the query tile [start_m, start_m + BLOCK_M): [lo, hi) holds every key some row
+    sees, and [unmasked_lo, unmasked_hi) the key tiles every row sees whole (no mask needed).
+    lo, unmasked_lo and unmasked_hi are multiples of BLOCK_N."""
+    diagonal = seq_k - seq_q
+    if LIMIT_LEFT:
+        lo = tl.maximum(start_m + diagonal - window_left, 0) // BLOCK_N * BLOCK_N
+        # From the last row's left edge on, keys are right of every row's left edge.
+        unmasked_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + diagonal - window_left, 0), BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        unmasked_lo = 0
+    if LIMIT_RIGHT:
+        hi = tl.minimum(seq_k, tl.maximum(start_m + BLOCK_M + diagonal + window_right, 0))
+        # Keys up to the first row's right edge are left of every row's right edge.
+        unmasked_hi = tl.maximum(start_m + 1 + diagonal + window_right, 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = seq_k
+        unmasked_hi = seq_k
+    unmasked_hi = tl.minimum(unmasked_hi, seq_k // BLOCK_N * BLOCK_N)
+    return lo, unmasked_lo, unmasked_hi, hi
+
+
+@triton.jit
+def _query_range(start_n, seq_q, seq_k, window_left, window_right, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr):
+    """The transpose of _key_range for the key tile [start_n, start_n + BLOCK_N): [lo, hi) holds
+    every query row that sees one of its keys, [unmasked_lo, unmasked_hi) the query tiles that
+    see all of them."""
+    diagonal = seq_k - seq_q
+    if LIMIT_RIGHT:  # row i sees key j only if i >= j - diagonal - window_right
+        lo = tl.maximum(start_n - diagonal - window_right, 0) // BLOCK_M * BLOCK_M
+        unmasked_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diagonal - window_right, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        unmasked_lo = 0
+    if LIMIT_LEFT:  # row i sees key j only if i <= j - diagonal + window_left
+        hi = tl.minimum(seq_q, tl.maximum(start_n + BLOCK_N - diagonal + window_left, 0))
+        unmasked_hi = tl.maximum(start_n + 1 - diagonal + window_left, 0) // BLOCK_M * BLOCK_M
+    else:
+        hi = seq_q
+        unmasked_hi = seq_q
+    unmasked_hi = tl.minimum(unmasked_hi, seq_q // BLOCK_M * BLOCK_M)
+    return lo, unmasked_lo, unmasked_hi, hi
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
-                    bias_base, stride_bias_m, stride_bias_n,
+                    bias_base, stride_bias_m, stride_bias_n, alibi_slope_log2,
                     offs_m, offs_n, offs_d, offs_dv, tile_start, tile_end,
-                    seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
-                    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2,
+                    window_left, window_right, dropout_p, dropout_seed, batch, head,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr,
+                    MASK_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                    BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     k_offsets = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offsets = offs_n[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(tile_start, tile_end, BLOCK_N):
@@ -92,26 +197,20 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
-        qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
-                  EMULATE_BF16, INPUT_PRECISION) * qk_scale_log2
-        if BIAS_KIND != 0:
-            qk = _apply_bias(qk, bias_base, stride_bias_m, stride_bias_n, offs_m[:, None], cols[None, :],
-                             seq_q, seq_k, BIAS_KIND)
+        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
+        qk, _ = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
+                        softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                        window_left, window_right, MASKED, MASK_LEFT, MASK_RIGHT, BIAS_KIND, HAS_ALIBI,
+                        HAS_SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED or BIAS_KIND != 0:
-            if MASKED:
-                visible = cols[None, :] < seq_k
-                if CAUSAL:
-                    visible = visible & (cols[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-                qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen no key yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
             m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_base = m_new
         p = tl.math.exp2(qk - m_base[:, None])
         alpha = tl.math.exp2(m_i - m_base)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
         if MASKED:
             # Rows past seq_k load as 0: 0 * garbage could be NaN otherwise.
@@ -120,6 +219,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(dropout_seed, batch, head, offs_m[:, None], cols[None, :], dropout_p), p, 0.0)
         acc = _dot(_cast(p, v.dtype, EMULATE_BF16), v, acc, EMULATE_BF16, INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -132,11 +233,16 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
+    stride_lse_b, stride_lse_h,
     BIAS, stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    ALIBI, stride_alibi_b, CU_SEQLENS_Q, CU_SEQLENS_K,
     num_heads_q, group_size, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
+    window_left, window_right, softcap_in, softcap_out_log2, dropout_p, dropout_seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LIMIT_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, LIMIT_LEFT: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr = False,
 ):
     """One program computes one BLOCK_M tile of queries of one (batch, query head)."""
     pid = tl.program_id(0)
@@ -148,12 +254,25 @@ def _attn_fwd(
     head = batch_head % num_heads_q
     head_kv = head // group_size
     start_m = tile_m * BLOCK_M
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:  # seq_q and seq_k arrived as the longest lengths; this sequence's are shorter
+        q_start = tl.load(CU_SEQLENS_Q + batch)
+        seq_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
+        k_start = tl.load(CU_SEQLENS_K + batch)
+        seq_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
+        if start_m >= seq_q:
+            return
 
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + start_m.to(tl.int64) * stride_qm
-    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
-    o_base = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + start_m.to(tl.int64) * stride_om
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + (q_start + start_m).to(tl.int64) * stride_qm
+    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
+    v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
+    o_base = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + (q_start + start_m).to(tl.int64) * stride_om
+    lse_base = LSE + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
     bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
+    alibi_slope_log2 = 0.0
+    if HAS_ALIBI:
+        alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
 
     offs_tile_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_tile_m
@@ -168,36 +287,53 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    unmasked_end, end = _causal_key_bounds(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, unmasked_lo, unmasked_hi, hi = _key_range(start_m, seq_q, seq_k, window_left, window_right,
+                                                  BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
+    if LIMIT_LEFT:  # tiles crossing the band's left edge
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+            alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, lo, tl.minimum(unmasked_lo, hi), seq_q, seq_k,
+            head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
+            dropout_p, dropout_seed, batch, head, BLOCK_N, True, True, LIMIT_RIGHT, EVEN_D, EVEN_DV,
+            BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
-        offs_m, offs_n, offs_d, offs_dv, 0, unmasked_end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, BIAS_KIND, EMULATE_BF16, INPUT_PRECISION)
+        alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, unmasked_lo, unmasked_hi, seq_q, seq_k,
+        head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
+        dropout_p, dropout_seed, batch, head, BLOCK_N, False, False, False, EVEN_D, EVEN_DV,
+        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+    # tiles crossing the right edge (the causal diagonal) and the ragged end of the keys
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
-        offs_m, offs_n, offs_d, offs_dv, unmasked_end, end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, BIAS_KIND, EMULATE_BF16, INPUT_PRECISION)
+        alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, tl.maximum(unmasked_lo, unmasked_hi), hi, seq_q, seq_k,
+        head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
+        dropout_p, dropout_seed, batch, head, BLOCK_N, True, False, LIMIT_RIGHT, EVEN_D, EVEN_DV,
+        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
 
     # A row with no visible key has l = 0: its output is 0 and its lse is -inf, never NaN.
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out / (1.0 - dropout_p)
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
 
     tl.store(o_base + offs_tile_m[:, None] * stride_om + offs_dv[None, :], _cast(out, O.dtype.element_ty, EMULATE_BF16),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
-    tl.store(LSE + batch_head.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+    tl.store(lse_base + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
 def _attn_bwd_preprocess(
-    O, DO, DELTA,
+    O, DO, LSE, DELTA, LSE_LOG2,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     num_heads_q, seq_q, head_dim_v,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d o[b, h, i, d] * do[b, h, i, d], in float32."""
+    """delta[b, h, i] = sum_d o[b, h, i, d] * do[b, h, i, d], in float32, and lse_log2 = lse * log2(e)
+    with +inf for rows that see no key (lse = -inf), so exp2(score - lse_log2) is 0 there, not NaN,
+    without a check in the backward's inner loops."""
     pid = tl.program_id(0)
     num_m_tiles = tl.cdiv(seq_q, BLOCK_M)
     tile_m = pid % num_m_tiles
@@ -212,17 +348,24 @@ def _attn_bwd_preprocess(
     do = tl.load(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
                  + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + batch_head.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
+    row_offsets = batch_head.to(tl.int64) * seq_q + offs_m
+    row_ok = offs_m < seq_q
+    tl.store(DELTA + row_offsets, delta, mask=row_ok)
+    lse = tl.load(LSE + row_offsets, mask=row_ok, other=0.0)
+    tl.store(LSE_LOG2 + row_offsets, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=row_ok)
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                         bias_base, stride_bias_m, stride_bias_n, dbias_base,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_log2_base, delta_base, stride_qm, stride_dom,
+                         bias_base, stride_bias_m, stride_bias_n, dbias_base, alibi_slope_log2,
                          offs_n, offs_d, offs_dv, tile_start, tile_end, seq_q, seq_k,
-                         head_dim, head_dim_v, qk_scale_log2,
-                         BLOCK_M: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                         EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
-                         STORE_DBIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2,
+                         window_left, window_right, dropout_p, dropout_seed, batch, head,
+                         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr,
+                         MASK_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                         BIAS_KIND: tl.constexpr, STORE_DBIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                         EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dK and dV of one key tile over query tiles [tile_start, tile_end)."""
     offs_tile_m = tl.arange(0, BLOCK_M)
     q_offsets = offs_tile_m[:, None] * stride_qm + offs_d[None, :]
@@ -232,60 +375,68 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
         q_ptrs = q_base + tl.cast(start_m, tl.int64) * stride_qm + q_offsets
         do_ptrs = do_base + tl.cast(start_m, tl.int64) * stride_dom + do_offsets
         # Rows past seq_q load as zeros (q, do, delta) so they add nothing to dK and dV.
-        if MASK_ROWS:
+        if MASKED:
             rows = offs_m < seq_q
             q = tl.load(q_ptrs, mask=rows[:, None] & (offs_d[None, :] < head_dim), other=0.0)
             do = tl.load(do_ptrs, mask=rows[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=rows, other=0.0)
+            lse_log2 = tl.load(lse_log2_base + offs_m, mask=rows, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
         elif EVEN_D and EVEN_DV:
             q = tl.load(q_ptrs)
             do = tl.load(do_ptrs)
-            lse = tl.load(lse_base + offs_m)
+            lse_log2 = tl.load(lse_log2_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         else:
             q = tl.load(q_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
             do = tl.load(do_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
-            lse = tl.load(lse_base + offs_m)
+            lse_log2 = tl.load(lse_log2_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-        qk_t = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32),
-                    EMULATE_BF16, INPUT_PRECISION) * qk_scale_log2
-        if BIAS_KIND != 0:
-            qk_t = _apply_bias(qk_t, bias_base, stride_bias_m, stride_bias_n, offs_m[None, :], offs_n[:, None],
-                               seq_q, seq_k, BIAS_KIND)
-        if BIAS_KIND != 0:
-            # A row the mask leaves with no key has lse = -inf: subtracting +inf gives p = 0, not NaN.
-            p_t = tl.math.exp2(qk_t - tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)[None, :])
+        s_t = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
+        qk_t, tanh_t = _scores(s_t, offs_m[None, :], offs_n[:, None], seq_q, seq_k, qk_scale_log2, softcap_in,
+                               softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                               window_left, window_right, False, MASK_LEFT, MASK_RIGHT, BIAS_KIND,
+                               HAS_ALIBI, HAS_SOFTCAP)
+        p_t = tl.math.exp2(qk_t - lse_log2[None, :])
+        if HAS_DROPOUT:  # o used p * keep / (1 - p_drop): so do dV and the gradient reaching p
+            keep_t = _dropout_keep(dropout_seed, batch, head, offs_m[None, :], offs_n[:, None], dropout_p)
+            keep_scale = 1.0 / (1.0 - dropout_p)
+            dv = _dot(_cast(tl.where(keep_t, p_t * keep_scale, 0.0), do.dtype, EMULATE_BF16), do, dv,
+                      EMULATE_BF16, INPUT_PRECISION)
         else:
-            p_t = tl.math.exp2(qk_t - (lse * LOG2E)[None, :])
-        if CAUSAL_MASK:
-            # Selecting after exp2 also zeroes rows whose lse is -inf (they see no key at all).
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (seq_k - seq_q), p_t, 0.0)
-        dv = _dot(_cast(p_t, do.dtype, EMULATE_BF16), do, dv, EMULATE_BF16, INPUT_PRECISION)
-        dp_t = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32),
-                    EMULATE_BF16, INPUT_PRECISION)
+            dv = _dot(_cast(p_t, do.dtype, EMULATE_BF16), do, dv, EMULATE_BF16, INPUT_PRECISION)
+        # dP after the dV update: both (BLOCK_N x BLOCK_M) fp32 tiles are never live at once.
+        dp_t = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
+        if HAS_DROPOUT:
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         if STORE_DBIAS:  # d loss / d score; each (row, key) of a head is visited exactly once
             tl.store(dbias_base + offs_m[None, :].to(tl.int64) * seq_k + offs_n[:, None], ds_t,
                      mask=(offs_m[None, :] < seq_q) & (offs_n[:, None] < seq_k))
+        if HAS_SOFTCAP:  # through softcap * tanh(s * scale / softcap)
+            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
         dk = _dot(_cast(ds_t, q.dtype, EMULATE_BF16), q, dk, EMULATE_BF16, INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE_LOG2, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_lse_b, stride_lse_h,
     BIAS, stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, DBIAS,
+    ALIBI, stride_alibi_b, CU_SEQLENS_Q, CU_SEQLENS_K,
     num_heads_q, num_heads_kv, group_size, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
+    window_left, window_right, softcap_in, softcap_out_log2, dropout_p, dropout_seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
+    LIMIT_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
     STORE_DBIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
+    HAS_DROPOUT: tl.constexpr = False, IS_VARLEN: tl.constexpr = False,
 ):
     """One program owns one BLOCK_N tile of keys of one (batch, k/v head) and sums the
     contributions of every query head of its group: no atomics, so results are deterministic."""
@@ -296,13 +447,22 @@ def _attn_bwd_dkdv(
     batch = batch_head_kv // num_heads_kv
     head_kv = batch_head_kv % num_heads_kv
     start_n = tile_n * BLOCK_N
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + batch)
+        seq_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
+        k_start = tl.load(CU_SEQLENS_K + batch)
+        seq_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
+        if start_n >= seq_k:
+            return
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < seq_k
-    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
+    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
+    v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
     k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                 mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
@@ -310,53 +470,48 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # Query tiles: [first, unmasked_start) hold the causal diagonal, [unmasked_start, full_end)
-    # need no mask, and [max(unmasked_start, full_end), seq_q) is the ragged last tile.
-    full_end = seq_q // BLOCK_M * BLOCK_M
-    if CAUSAL:
-        diagonal = seq_k - seq_q
-        first = tl.maximum(start_n - diagonal, 0) // BLOCK_M * BLOCK_M
-        unmasked_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diagonal, 0), BLOCK_M) * BLOCK_M
-    else:
-        first = 0
-        unmasked_start = 0
-    diagonal_end = tl.minimum(unmasked_start, seq_q)
-    tail_start = tl.maximum(unmasked_start, full_end)
-
+    lo, unmasked_lo, unmasked_hi, hi = _query_range(start_n, seq_q, seq_k, window_left, window_right,
+                                                    BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     for group_member in range(0, group_size):
         head = head_kv * group_size + group_member
-        batch_head = batch * num_heads_q + head
-        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-        lse_base = LSE + batch_head.to(tl.int64) * seq_q
-        delta_base = DELTA + batch_head.to(tl.int64) * seq_q
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
+        do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
+        lse_log2_base = LSE_LOG2 + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
+        delta_base = DELTA + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
         bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
-        dbias_base = DBIAS + batch_head.to(tl.int64) * seq_q * seq_k
-        if CAUSAL:
+        dbias_base = DBIAS + (batch * num_heads_q + head).to(tl.int64) * seq_q * seq_k
+        alibi_slope_log2 = 0.0
+        if HAS_ALIBI:
+            alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
+        if LIMIT_RIGHT:  # query tiles crossing the band's right edge (the causal diagonal)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                bias_base, stride_bias_m, stride_bias_n, dbias_base,
-                offs_n, offs_d, offs_dv, first, diagonal_end, seq_q, seq_k, head_dim, head_dim_v,
-                qk_scale_log2, BLOCK_M, True, True, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
-                EMULATE_BF16, INPUT_PRECISION)
+                dk, dv, k, v, q_base, do_base, lse_log2_base, delta_base, stride_qm, stride_dom,
+                bias_base, stride_bias_m, stride_bias_n, dbias_base, alibi_slope_log2,
+                offs_n, offs_d, offs_dv, lo, tl.minimum(unmasked_lo, hi), seq_q, seq_k, head_dim, head_dim_v,
+                qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right, dropout_p, dropout_seed,
+                batch, head, BLOCK_M, True, LIMIT_LEFT, True, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
+                HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            bias_base, stride_bias_m, stride_bias_n, dbias_base,
-            offs_n, offs_d, offs_dv, unmasked_start, full_end, seq_q, seq_k, head_dim, head_dim_v,
-            qk_scale_log2, BLOCK_M, False, False, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
-            EMULATE_BF16, INPUT_PRECISION)
+            dk, dv, k, v, q_base, do_base, lse_log2_base, delta_base, stride_qm, stride_dom,
+            bias_base, stride_bias_m, stride_bias_n, dbias_base, alibi_slope_log2,
+            offs_n, offs_d, offs_dv, unmasked_lo, unmasked_hi, seq_q, seq_k, head_dim, head_dim_v,
+            qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right, dropout_p, dropout_seed,
+            batch, head, BLOCK_M, False, False, False, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
+            HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+        # query tiles crossing the band's left edge, and the ragged end of the queries
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            bias_base, stride_bias_m, stride_bias_n, dbias_base,
-            offs_n, offs_d, offs_dv, tail_start, seq_q, seq_q, seq_k, head_dim, head_dim_v,
-            qk_scale_log2, BLOCK_M, True, False, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
-            EMULATE_BF16, INPUT_PRECISION)
+            dk, dv, k, v, q_base, do_base, lse_log2_base, delta_base, stride_qm, stride_dom,
+            bias_base, stride_bias_m, stride_bias_n, dbias_base, alibi_slope_log2,
+            offs_n, offs_d, offs_dv, tl.maximum(unmasked_lo, unmasked_hi), hi, seq_q, seq_k, head_dim,
+            head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right, dropout_p,
+            dropout_seed, batch, head, BLOCK_M, True, LIMIT_LEFT, False, EVEN_D, EVEN_DV, BIAS_KIND,
+            STORE_DBIAS, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
 
     dk = dk * scale
     store_k = col_ok[:, None] & (offs_d[None, :] < head_dim)
     store_v = col_ok[:, None] & (offs_dv[None, :] < head_dim_v)
-    dk_base = DK + batch.to(tl.int64) * stride_dkb + head_kv.to(tl.int64) * stride_dkh
-    dv_base = DV + batch.to(tl.int64) * stride_dvb + head_kv.to(tl.int64) * stride_dvh
+    dk_base = DK + batch.to(tl.int64) * stride_dkb + head_kv.to(tl.int64) * stride_dkh + tl.cast(k_start, tl.int64) * stride_dkn
+    dv_base = DV + batch.to(tl.int64) * stride_dvb + head_kv.to(tl.int64) * stride_dvh + tl.cast(k_start, tl.int64) * stride_dvn
     tl.store(dk_base + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
              _cast(dk, DK.dtype.element_ty, EMULATE_BF16), mask=store_k)
     tl.store(dv_base + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :],
@@ -365,12 +520,14 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn,
-                       bias_base, stride_bias_m, stride_bias_n,
+                       bias_base, stride_bias_m, stride_bias_n, alibi_slope_log2,
                        offs_m, offs_n, offs_d, offs_dv, tile_start, tile_end, seq_q, seq_k,
-                       head_dim, head_dim_v, qk_scale_log2,
-                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                       EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
-                       EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2,
+                       window_left, window_right, dropout_p, dropout_seed, batch, head,
+                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr,
+                       MASK_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                       BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     k_offsets = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offsets = offs_n[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(tile_start, tile_end, BLOCK_N):
@@ -386,37 +543,41 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, st
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
-        qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
-                  EMULATE_BF16, INPUT_PRECISION) * qk_scale_log2
-        if BIAS_KIND != 0:
-            qk = _apply_bias(qk, bias_base, stride_bias_m, stride_bias_n, offs_m[:, None], cols[None, :],
-                             seq_q, seq_k, BIAS_KIND)
+        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
+        qk, tanh_s = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
+                             softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                             window_left, window_right, MASKED, MASK_LEFT, MASK_RIGHT, BIAS_KIND, HAS_ALIBI,
+                             HAS_SOFTCAP)
         p = tl.math.exp2(qk - lse_log2[:, None])
-        if MASKED:
-            visible = cols[None, :] < seq_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-            p = tl.where(visible, p, 0.0)
-        dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32),
-                  EMULATE_BF16, INPUT_PRECISION)
+        dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(dropout_seed, batch, head, offs_m[:, None], cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - tanh_s * tanh_s)
         dq = _dot(_cast(ds, k.dtype, EMULATE_BF16), k, dq, EMULATE_BF16, INPUT_PRECISION)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE_LOG2, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
+    stride_lse_b, stride_lse_h,
     BIAS, stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    ALIBI, stride_alibi_b, CU_SEQLENS_Q, CU_SEQLENS_K,
     num_heads_q, group_size, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, scale,
+    window_left, window_right, softcap_in, softcap_out_log2, dropout_p, dropout_seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LIMIT_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, LIMIT_LEFT: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr = False,
 ):
     """One program computes dQ for one BLOCK_M tile of queries of one (batch, query head)."""
     pid = tl.program_id(0)
@@ -427,39 +588,80 @@ def _attn_bwd_dq(
     head = batch_head % num_heads_q
     head_kv = head // group_size
     start_m = tile_m * BLOCK_M
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + batch)
+        seq_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
+        k_start = tl.load(CU_SEQLENS_K + batch)
+        seq_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
+        if start_m >= seq_q:
+            return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < seq_q
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
+    do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
+    lse_log2_base = LSE_LOG2 + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
+    delta_base = DELTA + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-    lse = tl.load(LSE + batch_head.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + batch_head.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
-    lse_log2 = lse * LOG2E
-    if BIAS_KIND != 0:  # a row the mask leaves with no key: subtracting +inf gives p = 0, not NaN
-        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse_log2)
+    lse_log2 = tl.load(lse_log2_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
     bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
-    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
+    alibi_slope_log2 = 0.0
+    if HAS_ALIBI:
+        alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
+    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
+    v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    unmasked_end, end = _causal_key_bounds(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, unmasked_lo, unmasked_hi, hi = _key_range(start_m, seq_q, seq_k, window_left, window_right,
+                                                  BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
+    if LIMIT_LEFT:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m,
+            stride_bias_n, alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, lo, tl.minimum(unmasked_lo, hi),
+            seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left,
+            window_right, dropout_p, dropout_seed, batch, head, BLOCK_N, True, True, LIMIT_RIGHT, EVEN_D,
+            EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
-        offs_m, offs_n, offs_d, offs_dv, 0, unmasked_end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, False, CAUSAL, EVEN_D, EVEN_DV, BIAS_KIND, EMULATE_BF16, INPUT_PRECISION)
+        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m,
+        stride_bias_n, alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, unmasked_lo, unmasked_hi,
+        seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left,
+        window_right, dropout_p, dropout_seed, batch, head, BLOCK_N, False, False, False, EVEN_D,
+        EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
-        offs_m, offs_n, offs_d, offs_dv, unmasked_end, end, seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2,
-        BLOCK_N, True, CAUSAL, EVEN_D, EVEN_DV, BIAS_KIND, EMULATE_BF16, INPUT_PRECISION)
+        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m,
+        stride_bias_n, alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, tl.maximum(unmasked_lo, unmasked_hi), hi,
+        seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left,
+        window_right, dropout_p, dropout_seed, batch, head, BLOCK_N, True, False, LIMIT_RIGHT, EVEN_D,
+        EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
 
     dq = dq * scale
-    dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+    dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + tl.cast(q_start, tl.int64) * stride_dqm
     tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], _cast(dq, DQ.dtype.element_ty, EMULATE_BF16),
              mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
+
+
+@triton.jit
+def _dropout_mask(MASK, num_heads, seq_q, seq_k, dropout_p, dropout_seed,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """MASK (B, H, seq_q, seq_k) int8: 1 where the attention kernels keep a probability for the
+    same seed and dropout_p. One program writes one BLOCK_M x BLOCK_N tile."""
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(seq_k, BLOCK_N)
+    num_m_tiles = tl.cdiv(seq_q, BLOCK_M)
+    tile_n = pid % num_n_tiles
+    tile_m = pid // num_n_tiles % num_m_tiles
+    batch_head = pid // (num_n_tiles * num_m_tiles)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    keep = _dropout_keep(dropout_seed, batch_head // num_heads, batch_head % num_heads, rows, cols, dropout_p)
+    tl.store(MASK + batch_head.to(tl.int64) * seq_q * seq_k + rows.to(tl.int64) * seq_k + cols,
+             keep.to(tl.int8), mask=(rows < seq_q) & (cols < seq_k))

@@ -82,8 +82,8 @@ def test_unsupported_calls_raise_instead_of_computing_something_else(kwargs, rea
 @needs_registry
 def test_sdpa_flash_backend_runs_fused_attn_on_cuda(monkeypatch) -> None:
     calls = []
-    original = registry.attention_forward_op
-    monkeypatch.setattr(registry, "attention_forward_op", lambda *a: calls.append(1) or original(*a))
+    original = registry.forward
+    monkeypatch.setattr(registry, "forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     q, k, v = (torch.randn(2, 8, 1000, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
     try:

@@ -30,14 +30,17 @@ def test_opcheck_forward_and_backward(case: Case, mask: str | None, device: str)
     elif mask == "float-grad":
         bias = torch.randn(case.batch, case.heads_q, case.seq_q, case.seq_k, device=device,
                            dtype=case.dtype).requires_grad_()
+    window_right = 0 if case.causal else -1
+    settings = (scale, -1, window_right, 0.0, 0.0, 0, 0)
     forward_args = (q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_(),
-                    bias, case.causal, scale)
+                    bias, None, None, None, None, *settings)
     torch.library.opcheck(attention_forward_op, forward_args)
     # The backward op runs inside autograd's backward (no double backward): plain tensors in.
     bias = None if bias is None else bias.detach()
     with torch.no_grad():
-        o, lse = attention_forward_op(q, k, v, bias, case.causal, scale)
-    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, bias, case.causal, scale, mask == "float-grad"))
+        o, lse = attention_forward_op(q, k, v, bias, None, None, None, None, *settings)
+    torch.library.opcheck(attention_backward_op,
+                          (do, q, k, v, o, lse, bias, None, None, None, None, *settings, mask == "float-grad"))
 
 
 class TinyBlock(torch.nn.Module):
