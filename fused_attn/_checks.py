@@ -156,7 +156,8 @@ def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q
                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> int:
     """Validate packed q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) and their
     sequence boundaries; return the number of sequences. Reads cu_seqlens on the host: a wrong
-    boundary or a max_seqlen below the longest sequence would otherwise compute garbage."""
+    boundary or a max_seqlen below the longest sequence would otherwise compute garbage. Under
+    torch.compile only shapes and dtypes are checked (reading values would break the graph)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -173,17 +174,19 @@ def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q
                              f"dtype {str(cu.dtype).replace('torch.', '')} and shape {tuple(cu.shape)}")
         if cu.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+        max_name = "max_seqlen_" + name[-1]
+        if isinstance(longest, bool) or not isinstance(longest, int):
+            raise TypeError(f"{max_name} must be an int, got {type(longest).__name__}")
+        lengths[name] = cu.shape[0]
+        if torch.compiler.is_compiling():  # values are data: torch.compile cannot read them without a graph break
+            continue
         bounds = cu.tolist()
         if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
             raise ValueError(f"{name} must start at 0, never decrease and end at the total token count {total}, "
                              f"got {bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
-        max_name = "max_seqlen_" + name[-1]
-        if isinstance(longest, bool) or not isinstance(longest, int):
-            raise TypeError(f"{max_name} must be an int, got {type(longest).__name__}")
         actual = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
         if longest < actual:
             raise ValueError(f"{max_name} is {longest} but {name} holds a sequence of length {actual}")
-        lengths[name] = len(bounds)
     if lengths["cu_seqlens_q"] != lengths["cu_seqlens_k"]:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{lengths['cu_seqlens_q'] - 1} and {lengths['cu_seqlens_k'] - 1}")

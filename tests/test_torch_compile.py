@@ -106,3 +106,110 @@ def test_export_keeps_the_op(device: str) -> None:
     targets = [str(n.target) for n in exported.graph.nodes]
     assert "fused_attn.attention_forward.default" in targets
     torch.testing.assert_close(exported.module()(x), model(x), rtol=0, atol=0)
+
+
+# Every variant constexpr of the kernels, as the op's arguments see them.
+VARIANT_SETTINGS = {
+    "window": dict(window=(5, 2)),
+    "causal-window-alibi": dict(window=(7, 0), alibi=True),
+    "softcap": dict(softcap=3.0),
+    "dropout": dict(dropout_p=0.25),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANT_SETTINGS))
+def test_opcheck_variants(name: str, device: str) -> None:
+    settings = VARIANT_SETTINGS[name]
+    case = Case(2, 4, 2, 33, 20, 40, 40, False, torch.float32)
+    q, k, v, do = make_inputs(case, device)
+    slopes = torch.rand(case.heads_q, device=device) if settings.get("alibi") else None
+    seed = fused_attn.dropout_seed() if settings.get("dropout_p") else None
+    window = settings.get("window", (-1, -1))
+    op_settings = (case.head_dim ** -0.5, *window, settings.get("softcap", 0.0), settings.get("dropout_p", 0.0), 0, 0)
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(attention_forward_op, (*leaves, None, slopes, None, None, seed, *op_settings))
+    with torch.no_grad():
+        o, lse = attention_forward_op(q, k, v, None, slopes, None, None, seed, *op_settings)
+    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, None, slopes, None, None, seed, *op_settings, False))
+
+
+def test_opcheck_packed_sequences(device: str) -> None:
+    lengths_q, lengths_k = [5, 0, 19], [9, 4, 19]
+    cu_q = torch.tensor([0, 5, 5, 24], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 13, 32], dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lengths_q), 4, 32, generator=gen).to(device)
+    k, v = (torch.randn(sum(lengths_k), 2, 32, generator=gen).to(device) for _ in range(2))
+    op_settings = (32 ** -0.5, -1, 0, 0.0, 0.0, max(lengths_q), max(lengths_k))
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(attention_forward_op, (*leaves, None, None, cu_q, cu_k, None, *op_settings))
+    with torch.no_grad():
+        o, lse = attention_forward_op(q, k, v, None, None, cu_q, cu_k, None, *op_settings)
+    assert o.shape == (24, 4, 32) and lse.shape == (4, 24)
+    torch.library.opcheck(attention_backward_op, (torch.randn_like(o), q, k, v, o, lse, None, None, cu_q, cu_k, None,
+                                                  *op_settings, False))
+
+
+class VariantBlock(TinyBlock):
+    """TinyBlock with every variant at once: a causal sliding window, ALiBi, softcap and, while
+    training, dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(batch, seq, 3, self.heads, width // self.heads).unbind(2)
+        o = fused_attn.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                 window=(8, 0), alibi_slopes=self.slopes, softcap=5.0,
+                                 dropout_p=0.2 if self.training else 0.0)
+        return x + self.proj(o.transpose(1, 2).reshape(batch, seq, width))
+
+
+class PackedBlock(TinyBlock):
+    """TinyBlock over packed sequences: x is (total, width) with boundaries cu_seqlens."""
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        total, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(total, 3, self.heads, width // self.heads).unbind(1)
+        o = fused_attn.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        return x + self.proj(o.reshape(total, width))
+
+
+def _run_seeded(model: torch.nn.Module, *inputs: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    torch.manual_seed(1234)  # the dropout seed comes from torch's default generator
+    model.zero_grad()
+    y = model(*inputs)
+    y.square().mean().backward()
+    return y.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
+def test_compile_fullgraph_variants_match_eager(training: bool, device: str) -> None:
+    torch.manual_seed(0)
+    model = VariantBlock().to(device).train(training)
+    x = torch.randn(2, 29, 64, device=device)
+    y_eager, grads_eager = _run_seeded(model, x)
+    # Inductor has its own RNG for torch.randint unless fallback_random: with it, the compiled
+    # graph draws the same dropout seed as eager, so the results can be compared.
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(model, fullgraph=True)
+        y_compiled, grads_compiled = _run_seeded(compiled, x)
+    torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
+    for compiled_grad, eager_grad in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
+    if training:  # dropout really ran: eval mode gives something else
+        assert not torch.allclose(model.eval()(x), y_eager)
+
+
+def test_compile_fullgraph_packed_sequences_match_eager(device: str) -> None:
+    torch.manual_seed(0)
+    model = PackedBlock().to(device)
+    cu_seqlens = torch.tensor([0, 7, 8, 30], dtype=torch.int32, device=device)
+    x = torch.randn(30, 64, device=device)
+    y_eager, grads_eager = _run_seeded(model, x, cu_seqlens, 22)
+    y_compiled, grads_compiled = _run_seeded(torch.compile(model, fullgraph=True), x, cu_seqlens, 22)
+    torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
+    for compiled_grad, eager_grad in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
