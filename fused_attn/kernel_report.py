@@ -52,7 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fused_attn.kernels.configs import KNOWN_SPILLS, AttentionConfigs, KernelConfig, all_configs, preprocess_block_m
+from fused_attn.kernels.configs import (KNOWN_SPILLS, AttentionConfigs, KernelConfig, all_configs, lookup,
+                                        preprocess_block_m)
 
 SHARED_MEMORY_LIMITS: dict[int, int] = {80: 166_912, 90: 232_448}
 """Largest shared memory one block may use, in bytes (A100: 163 KiB, H100/H200: 227 KiB)."""
@@ -227,6 +228,36 @@ def _kernel_jobs(capability: int, head_dim: int, dtype: str, configs: AttentionC
             job("dq", configs.backward_dq)]
 
 
+# Variant constexprs the kernels are launched with besides the plain (causal, no mask) rows.
+VARIANT_FEATURES: dict[str, tuple[str, ...]] = {
+    "window": ("LIMIT_LEFT",),
+    "alibi": ("HAS_ALIBI",),
+    "softcap": ("HAS_SOFTCAP",),
+    "dropout": ("HAS_DROPOUT",),
+    "varlen": ("IS_VARLEN",),
+    "float mask + grad": ("BIAS_KIND", "STORE_DBIAS"),
+    "all at once": ("LIMIT_LEFT", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "BIAS_KIND", "STORE_DBIAS"),
+}
+
+
+def build_variant_jobs(capabilities: Sequence[int] = (80, 90), head_dims: Sequence[int] = (64, 128),
+                       features: Mapping[str, tuple[str, ...]] = VARIANT_FEATURES,
+                       dtype: str = "bf16") -> list[CompileJob]:
+    """The forward, dK/dV and dQ kernels of the shipped configs with each variant switched on.
+    Their spills are recorded, not failed; compiling, shared memory and HGMMA are checked."""
+    jobs = []
+    for capability in capabilities:
+        for head_dim in head_dims:
+            configs = lookup(capability, head_dim, _ELEMENT_SIZES[dtype])
+            for flags in features.values():
+                for kernel, cfg in (("fwd", configs.forward), ("dkdv", configs.backward_dkdv),
+                                    ("dq", configs.backward_dq)):
+                    kernel_flags = tuple(f for f in flags if kernel == "dkdv" or f != "STORE_DBIAS")
+                    jobs.append(CompileJob(capability, head_dim, dtype, kernel, cfg.block_m, cfg.block_n,
+                                           cfg.num_warps, cfg.num_stages, "tf32", features=kernel_flags))
+    return jobs
+
+
 def build_jobs(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = None, *,
                fp32_tf32: bool = True, variant: str = DEFAULT_VARIANT) -> list[CompileJob]:
     """Every kernel to compile for `table` (default: the shipped configs).
@@ -370,7 +401,9 @@ def compile_one(job: CompileJob, kernel_module: str = DEFAULT_KERNEL_MODULE) -> 
             report.known_spill = KNOWN_SPILLS[(job.capability, job.head_dim, job.kernel)]
         else:
             report.failures.append("listed in configs.KNOWN_SPILLS but spills nothing: remove the entry")
-    elif report.spills or report.spill_instructions:
+    elif (report.spills or report.spill_instructions) and not job.features:
+        # Variant rows (job.features) record spills without failing: their configs are the plain
+        # kernels' (no GPU has timed alternatives yet), see VARIANT_FEATURES.
         report.failures.append(f"spills registers (STACK {report.stack_bytes}, LOCAL {report.local_bytes}, "
                                f"{report.spill_instructions} LDL/STL)")
     if report.total_shared > report.shared_limit:
@@ -412,8 +445,8 @@ def _cost(job: CompileJob) -> int:
 
 def run_report(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = None, *, workers: int = 2,
                fp32_tf32: bool = True, variant: str = DEFAULT_VARIANT, cache_dir: str | None = None,
-               kernel_module: str = DEFAULT_KERNEL_MODULE) -> Report:
-    """Compile every kernel of `table` (default: the shipped configs) and check each one.
+               kernel_module: str = DEFAULT_KERNEL_MODULE, jobs: Sequence[CompileJob] | None = None) -> Report:
+    """Compile every kernel of `table` (default: the shipped configs), or the given `jobs`, and check each one.
 
     `workers` processes compile in parallel (1: in this process). `variant` picks what the
     compiler may assume about head dims and strides (see the module docstring). `cache_dir` is the
@@ -424,7 +457,7 @@ def run_report(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = N
 
     check_environment(kernel_module)
     start = time.perf_counter()
-    jobs = build_jobs(table, fp32_tf32=fp32_tf32, variant=variant)
+    jobs = build_jobs(table, fp32_tf32=fp32_tf32, variant=variant) if jobs is None else list(jobs)
     if cache_dir is None:
         # A fresh cache: Triton's cache key ignores some settings that change the result (for
         # example TRITON_ALLOW_NON_CONSTEXPR_GLOBALS), so a shared cache could report stale kernels.
@@ -465,10 +498,19 @@ def _cell(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+def _feature_name(flags: tuple[str, ...]) -> str:
+    for name, feature_flags in VARIANT_FEATURES.items():
+        if set(flags) == set(feature_flags) or set(flags) == set(feature_flags) - {"STORE_DBIAS"}:
+            return name
+    return "+".join(flags) or "plain"
+
+
 def format_markdown(rows: Iterable[KernelReport]) -> str:
     """One markdown row per (capability, head dim, dtype, precision, kernel)."""
-    header = ("| cap | D | dtype | prec | kernel | BM x BN | warps | stages | regs | spills | shared (B) "
-              "| limit (B) | HGMMA | HMMA | EX2 | s | status |")
+    rows = list(rows)
+    with_features = any(row.job.features for row in rows)
+    header = ("| cap | D | dtype | prec | kernel |" + (" variant |" if with_features else "")
+              + " BM x BN | warps | stages | regs | spills | shared (B) | limit (B) | HGMMA | HMMA | EX2 | s | status |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         job = row.job
@@ -478,8 +520,11 @@ def format_markdown(rows: Iterable[KernelReport]) -> str:
         shared = "-" if not row.compiled else (
             str(row.shared) if not row.static_shared else f"{row.shared}+{row.static_shared}")
         status = ("known spill" if row.known_spill else "ok") if row.ok else "FAIL: " + "; ".join(row.failures).replace("|", "/")
+        if row.ok and job.features and row.spills:
+            status = "ok (spills recorded)"
+        variant_cell = f" {_feature_name(job.features)} |" if with_features else ""
         lines.append(
-            f"| {job.capability} | {job.head_dim} | {job.dtype} | {job.input_precision} | {job.kernel} | {tile} "
+            f"| {job.capability} | {job.head_dim} | {job.dtype} | {job.input_precision} | {job.kernel} |{variant_cell} {tile} "
             f"| {job.num_warps} | {_cell(job.num_stages)} | {_cell(row.registers)} | {spills} | {shared} "
             f"| {row.shared_limit} | {_cell(row.hgmma)} | {_cell(row.hmma)} | {_cell(row.mufu_ex2)} "
             f"| {row.compile_seconds:.1f} | {status} |")
@@ -500,10 +545,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "temporary directory, removed afterwards)")
     parser.add_argument("--kernel-module", default=DEFAULT_KERNEL_MODULE,
                         help=f"importable module holding the four kernels (default: {DEFAULT_KERNEL_MODULE})")
+    parser.add_argument("--variants", action="store_true",
+                        help="compile the variant kernels (window, ALiBi, softcap, dropout, varlen, float mask) "
+                             "of the bf16 D=64/128 configs instead; their spills are recorded, not failed")
     args = parser.parse_args(argv)
     try:
         report = run_report(workers=args.workers, fp32_tf32=args.fp32_tf32, variant=args.variant,
-                            cache_dir=args.cache_dir, kernel_module=args.kernel_module)
+                            cache_dir=args.cache_dir, kernel_module=args.kernel_module,
+                            jobs=build_variant_jobs() if args.variants else None)
     except ReportEnvironmentError as exc:
         print(f"kernel_report: {exc}", file=sys.stderr)
         return ENV_ERROR_EXIT

@@ -29,12 +29,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     ``attn_mask`` and ``key_padding_mask`` (bool, True = may not attend, or float, added) run
     inside the kernels; with ``is_causal=True`` the attn_mask is trusted to be causal, as torch
-    does. The fused path needs ``need_weights=False`` (torch's default, True, asks for the L x S
-    weights, which the kernels never form), no dropout while training, no ``add_bias_kv`` or
-    ``add_zero_attn``, and tensors the kernels run on (CUDA, or CPU under TRITON_INTERPRET=1;
-    float16/bfloat16/float32; head dim <= 256). Any other call runs torch's implementation with
-    the same arguments, after a one-time warning that names the reason. One deliberate
-    difference: a query that the masks leave without any key gets zeros, not torch's NaN.
+    does. So does ``dropout`` while training (none in eval mode, as in torch): its seed is drawn
+    from torch's default CPU generator, so `torch.manual_seed` makes a training step repeatable,
+    and `fused_attn.dropout_seed()` after re-seeding gives the seed a call used
+    (`fused_attn.dropout_mask` with shape (N, num_heads, L, S) then gives its mask).
+    The fused path needs ``need_weights=False`` (torch's default, True, asks for the L x S
+    weights, which the kernels never form), no ``add_bias_kv`` or ``add_zero_attn``, and tensors
+    the kernels run on (CUDA, or CPU under TRITON_INTERPRET=1; float16/bfloat16/float32; head dim
+    <= 256). Any other call runs torch's implementation with the same arguments, after a one-time
+    warning that names the reason. One deliberate difference: a query that the masks leave without
+    any key gets zeros, not torch's NaN.
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -64,7 +68,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         v = F.linear(value, w_v, b_v).view(batch, seq_k, self.num_heads, self.head_dim).transpose(1, 2)
         causal = is_causal and key_padding_mask is None and seq_q == seq_k  # torch trusts the hint likewise
         bias = None if causal else self._kernel_mask(attn_mask, key_padding_mask, batch, seq_q, seq_k, q.dtype)
-        o = attention(q, k, v, causal=causal, attn_mask=bias).transpose(1, 2).reshape(batch, seq_q, self.embed_dim)
+        dropout_p = self.dropout if self.training else 0.0
+        o = attention(q, k, v, causal=causal, attn_mask=bias, dropout_p=dropout_p)
+        o = o.transpose(1, 2).reshape(batch, seq_q, self.embed_dim)
         out = self.out_proj(o)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -99,8 +105,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return "need_weights=True (torch's default) asks for the attention weights; pass need_weights=False"
         if is_causal and attn_mask is None:
             return "is_causal=True without attn_mask (torch requires the mask as well)"
-        if self.dropout > 0 and self.training:
-            return "dropout is not supported by the kernels yet"
+        if self.training and self.dropout >= 1.0:  # torch zeroes everything; the kernels take p < 1
+            return "dropout=1 while training"
         if self.bias_k is not None or self.add_zero_attn:
             return "add_bias_kv and add_zero_attn are not supported"
         if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):

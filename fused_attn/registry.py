@@ -8,24 +8,28 @@ backward are replaced by fused_attn's launchers, so an unmodified model that cal
 `deactivate()` puts torch's own kernels back.
 
 Semantics are the flash backend's: q, k, v (B, H, S, D), `is_causal` with Sq == Sk (where top-left
-and bottom-right alignment agree), no dropout. A call outside that raises a RuntimeError that
-names the reason rather than computing something else; without `activate()` nothing changes.
+and bottom-right alignment agree), and dropout. The dropout seed is drawn with
+`fused_attn.dropout_seed()` from torch's default CPU generator (so `torch.manual_seed` makes a call
+repeatable) and travels to the backward in element 0 of the op's `rng_state` output, which torch's
+autograd hands back as `philox_seed`; the backward regenerates the mask from it. A call outside
+that (return_debug_mask, causal with Sq != Sk, another dtype, a head dim over 256) raises a
+RuntimeError that names the reason rather than computing something else; without `activate()`
+nothing changes.
 """
 from __future__ import annotations
 
 import torch
 
-from fused_attn._checks import check_attention_inputs
+from fused_attn._checks import check_attention_inputs, check_dropout
 from fused_attn._function import attention_backward_op, forward
+from fused_attn.api import dropout_seed
 
 IMPL_NAME = "fused_attn"
 _OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")
 
 
-def _unsupported(query: torch.Tensor, key: torch.Tensor, dropout_p: float, is_causal: bool,
-                 return_debug_mask: bool = False) -> str | None:
-    if dropout_p > 0.0:
-        return f"dropout_p={dropout_p} (fused_attn has no dropout yet)"
+def _unsupported(query: torch.Tensor, key: torch.Tensor, is_causal: bool, return_debug_mask: bool = False
+                 ) -> str | None:
     if return_debug_mask:
         return "return_debug_mask=True"
     if is_causal and query.shape[2] != key.shape[2]:
@@ -50,13 +54,20 @@ def sdpa_flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        scale: float | None = None) -> tuple:
     """``aten::_scaled_dot_product_flash_attention`` on fused_attn's kernels; same outputs:
     (out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, rng_state, philox_offset, debug_mask)."""
-    reason = _unsupported(query, key, dropout_p, is_causal, return_debug_mask)
+    reason = _unsupported(query, key, is_causal, return_debug_mask)
     if reason is not None:
         raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this call: {reason}; "
                            "call fused_attn.deactivate() to use torch's flash kernels")
     scale = check_attention_inputs(query, key, value, scale)
-    out, lse = forward(query, key, value, scale, window=(-1, 0 if is_causal else -1))
-    rng_state = torch.zeros((2,), dtype=torch.uint64, device=query.device)
+    dropout_p = check_dropout(dropout_p)
+    seed = dropout_seed() if dropout_p > 0 else None
+    out, lse = forward(query, key, value, scale, window=(-1, 0 if is_causal else -1), dropout_p=dropout_p,
+                       dropout_seed=seed)
+    # torch's contract: a uint64 (2,) philox (seed, offset); the kernels' RNG needs only the seed.
+    if seed is None:
+        rng_state = torch.zeros((2,), dtype=torch.uint64, device=query.device)
+    else:
+        rng_state = torch.tensor([int(seed), 0], dtype=torch.uint64, device=query.device)
     philox_offset = torch.zeros((), dtype=torch.uint64, device=query.device)
     debug_mask = torch.empty(0, dtype=query.dtype, device=query.device)
     return _like(query, out), lse, None, None, query.shape[2], key.shape[2], rng_state, philox_offset, debug_mask
@@ -68,12 +79,16 @@ def sdpa_flash_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.
                         philox_seed: torch.Tensor, philox_offset: torch.Tensor, *,
                         scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``aten::_scaled_dot_product_flash_attention_backward`` on fused_attn's kernels: dq, dk, dv."""
-    reason = _unsupported(query, key, dropout_p, is_causal)
+    reason = _unsupported(query, key, is_causal)
     if reason is not None:
         raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this backward: {reason}")
     scale = check_attention_inputs(query, key, value, scale)
-    dq, dk, dv, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp, None, None, None, None, None,
-                                          scale, -1, 0 if is_causal else -1, 0.0, 0.0, 0, 0, False)
+    dropout_p = check_dropout(dropout_p)
+    seed = None
+    if dropout_p > 0:  # the forward's seed, from its rng_state; the ops take an int64 CPU scalar
+        seed = philox_seed[0].cpu().to(torch.int64)
+    dq, dk, dv, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp, None, None, None, None, seed,
+                                          scale, -1, 0 if is_causal else -1, 0.0, dropout_p, 0, 0, False)
     return _like(query, dq), _like(key, dk), _like(value, dv)
 
 

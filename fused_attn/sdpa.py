@@ -3,9 +3,16 @@
 Runs on the kernels: bool masks (True attends) and float masks (added to the scores) of any
 shape broadcastable to (..., Hq, L, S), read tile by tile, with a gradient for a float mask that
 requires grad; `is_causal` aligned top-left as torch does (for L != S the top-left triangle is
-passed as a mask); GQA with `enable_gqa`; any `scale`. One deliberate difference: a row that
-the mask leaves without any key returns zeros, where torch's math backend returns NaN.
-Dropout is not in the kernels yet: those calls run torch's function after a one-time warning.
+passed as a mask); GQA with `enable_gqa`; any `scale`; and dropout, applied whenever dropout_p > 0
+as torch's function does (it has no training flag). The dropout seed is drawn from torch's default
+CPU generator, so `torch.manual_seed` makes a call repeatable, and `fused_attn.dropout_seed()`
+after re-seeding returns the seed a call used: `fused_attn.dropout_mask` then gives its mask for
+the shape the kernels see, leading dimensions flattened into the batch ((N, ..., Hq, L, S) ->
+(N * ..., Hq, L, S); 3-D inputs have one head).
+
+One deliberate difference: a row that the mask leaves without any key returns zeros, where
+torch's math backend returns NaN. Calls the kernels cannot take (fewer than 3 dimensions, another
+dtype or device, a head dim over 256, dropout_p = 1) run torch's function after a one-time warning.
 """
 from __future__ import annotations
 
@@ -20,10 +27,9 @@ from fused_attn.api import attention
 _WARNED: set[str] = set()
 
 
-def _fallback_reason(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
-                     is_causal: bool) -> str | None:
-    if dropout_p > 0.0:
-        return "dropout_p > 0 is not supported by the kernels yet"
+def _fallback_reason(query: torch.Tensor, key: torch.Tensor, dropout_p: float) -> str | None:
+    if dropout_p == 1.0:  # torch returns zeros; the kernels' 1 / (1 - p) scaling takes p < 1
+        return "dropout_p=1"
     if query.dim() < 3:
         return f"{query.dim()}-D inputs"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -53,7 +59,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                          "for grouped-query attention (as torch requires)")
     if is_causal and attn_mask is not None:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as torch requires)")
-    reason = _fallback_reason(query, key, attn_mask, dropout_p, is_causal)
+    reason = _fallback_reason(query, key, dropout_p)
     if reason is not None:
         if reason not in _WARNED:
             _WARNED.add(reason)
@@ -68,11 +74,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if query.dim() == 3:  # (N, L, E): one head
         mask = None if attn_mask is None else attn_mask.unsqueeze(-3) if attn_mask.dim() == 3 else attn_mask
         return attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), causal=is_causal,
-                         scale=scale, attn_mask=mask).squeeze(1)
+                         scale=scale, attn_mask=mask, dropout_p=dropout_p).squeeze(1)
     lead = query.shape[:-3]
     flat = [t.reshape(-1, *t.shape[-3:]) for t in (query, key, value)]  # a view when the leading dims allow
     if attn_mask is not None:
         full = (*lead, query.shape[-3], seq_q, seq_k)
         attn_mask = attn_mask.expand(full).reshape(-1, *full[-3:])  # a view unless batch dims must merge
-    out = attention(*flat, causal=is_causal, scale=scale, attn_mask=attn_mask)
+    out = attention(*flat, causal=is_causal, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p)
     return out.reshape(*lead, *out.shape[-3:])
