@@ -167,9 +167,19 @@ class Variant:
         return self.cu_seqlens_q is not None
 
 
-def _variant_args(variant: Variant, q: torch.Tensor, stride_lse: tuple[int, int]) -> tuple[tuple[object, ...], dict[str, object]]:
-    """The kernels' arguments from LSE's strides up to dropout_seed, after the shared strides, and
-    the variant constexprs. `q` stands in for absent pointers (never read)."""
+def _window_bound(size: int, seq_q: int, seq_k: int) -> int:
+    """A window side as the kernels take it: -1 when it cannot exclude any key (no band edge to
+    mask, and no int32 overflow in the kernels' index arithmetic for huge sizes)."""
+    return -1 if size < 0 or size >= seq_q + seq_k else size
+
+
+def _variant_args(variant: Variant, q: torch.Tensor, stride_lse: tuple[int, int], seq_q: int, seq_k: int
+                  ) -> tuple[tuple[tuple[object, ...], tuple[object, ...]], dict[str, object]]:
+    """The kernels' arguments from LSE's strides up to CU_SEQLENS_K and from window_left up to
+    dropout_seed, and the variant constexprs. `q` stands in for absent pointers (never read).
+    seq_q, seq_k: the (longest) lengths, which bound the window sizes that matter."""
+    window_left = _window_bound(variant.window_left, seq_q, seq_k)
+    window_right = _window_bound(variant.window_right, seq_q, seq_k)
     bias_args, bias_kind = _bias_args(variant.bias, q)
     slopes = variant.alibi_slopes
     alibi_args = (q, 0) if slopes is None else (slopes, slopes.stride(0) if slopes.dim() == 2 else 0)
@@ -177,10 +187,10 @@ def _variant_args(variant: Variant, q: torch.Tensor, stride_lse: tuple[int, int]
     cu_k = variant.cu_seqlens_k if variant.is_varlen else q
     softcap = variant.softcap
     args = (*stride_lse, *bias_args, *alibi_args, cu_q, cu_k)
-    tail = (variant.window_left, variant.window_right,
+    tail = (window_left, window_right,
             variant.scale / softcap if softcap > 0 else 0.0, softcap * math.log2(math.e),
             variant.dropout_p, variant.dropout_seed)
-    flags = {"LIMIT_LEFT": variant.window_left >= 0, "LIMIT_RIGHT": variant.window_right >= 0,
+    flags = {"LIMIT_LEFT": window_left >= 0, "LIMIT_RIGHT": window_right >= 0,
              "BIAS_KIND": bias_kind, "HAS_ALIBI": slopes is not None, "HAS_SOFTCAP": softcap > 0,
              "HAS_DROPOUT": variant.dropout_p > 0, "IS_VARLEN": variant.is_varlen}
     return (args, tail), flags
@@ -217,7 +227,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
     o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, head_dim_v), q.dtype)
     cfg = _select_configs(q, head_dim, head_dim_v).forward
     block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
-    (args, tail), flags = _variant_args(variant, q, _lse_strides(q, variant))
+    (args, tail), flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
     _kernels._attn_fwd[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
         q, k, v, o, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *args,
@@ -262,7 +272,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         BLOCK_M=pre_block, BLOCK_DV=block_dv,
     )
 
-    (args, tail), variant_flags = _variant_args(variant, q, _lse_strides(q, variant))
+    (args, tail), variant_flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
     cfg = configs.backward_dkdv
     _kernels._attn_bwd_dkdv[_grid(triton.cdiv(max_k, cfg.block_n) * batch * heads_kv)](
         q, k, v, do, lse_log2, delta, dk, dv,

@@ -1,6 +1,7 @@
 """fused_attn.scaled_dot_product_attention against torch's, over a randomized grid of arguments
 and mask shapes, held to FlashAttention's rule against float64 (torch's SDPA in the same dtype is
-the "plain PyTorch" error); dropout, the one fallback, must warn once."""
+the "plain PyTorch" error); dropout runs in the kernels and matches the reference given the
+kernels' own mask."""
 from __future__ import annotations
 
 import random
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_attn
+from fused_attn import reference
 from tests.helpers import assert_close_to_reference
 
 
@@ -143,12 +145,68 @@ def test_a_row_with_no_key_gives_zeros_not_nan(device: str) -> None:
     assert not out.isnan().any()
 
 
-def test_dropout_falls_back_and_keeps_the_expected_scale() -> None:
-    q = k = v = torch.ones(1, 1, 64, 8)
+DROPOUT_CASES = [  # (leading dims or None for 3-D input, Hq, Hkv, L, S, mask, dtype, dropout_p)
+    ((2,), 4, 2, 13, 21, "causal", torch.float16, 0.3),          # GQA, top-left causal with L != S (a mask)
+    ((2, 2), 2, 2, 17, 17, "float", torch.bfloat16, 0.5),         # two leading dims flattened into the batch
+    (None, 1, 1, 9, 24, None, torch.float32, 0.2),                # 3-D (N, L, E): one head
+]
+
+
+@pytest.mark.parametrize("lead,heads_q,heads_kv,seq_q,seq_k,mask_kind,dtype,dropout_p", DROPOUT_CASES,
+                         ids=["gqa-causal-fp16", "lead2x2-floatmask-bf16", "3d-fp32"])
+def test_dropout_runs_in_the_kernels_and_matches_the_reference(lead, heads_q, heads_kv, seq_q, seq_k, mask_kind,
+                                                               dtype, dropout_p, device) -> None:
+    """dropout_p > 0 is applied (as torch does, with no training flag) with a seed from torch's
+    default generator: re-seeding and `fused_attn.dropout_seed()` give the kernels' mask for the
+    flattened (batch, heads) shape, and the reference with that mask matches o and the gradients."""
+    gen = torch.Generator().manual_seed(3)
+    if lead is None:
+        shapes = [(2, seq_q, 32), (2, seq_k, 32), (2, seq_k, 24), (2, seq_q, 24)]
+    else:
+        shapes = [(*lead, heads_q, seq_q, 32), (*lead, heads_kv, seq_k, 32), (*lead, heads_kv, seq_k, 24),
+                  (*lead, heads_q, seq_q, 24)]
+    q, k, v, do = (torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes)
+    mask = torch.randn(heads_q, seq_q, seq_k, generator=gen).to(device=device, dtype=dtype) if mask_kind == "float" \
+        else None
+    kwargs = {"attn_mask": mask, "dropout_p": dropout_p, "is_causal": mask_kind == "causal", "enable_gqa": True}
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        out = fused_attn.scaled_dot_product_attention(*leaves, **kwargs)
+    out.backward(do)
+    torch.manual_seed(7)
+    assert torch.equal(fused_attn.scaled_dot_product_attention(q, k, v, **kwargs), out.detach())  # repeatable
+    assert not torch.equal(fused_attn.scaled_dot_product_attention(q, k, v, **kwargs), out.detach())  # new seed
+
+    # The kernels see (batch, heads, L, S) with the leading dims flattened (3-D input: one head).
+    def as_kernel_sees(t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(1) if lead is None else t.reshape(-1, *t.shape[-3:])
+
+    torch.manual_seed(7)
+    batch = as_kernel_sees(q).shape[0]
+    keep = fused_attn.dropout_mask(fused_attn.dropout_seed(), batch, heads_q, seq_q, seq_k, dropout_p, device)
+    assert 0.3 < (~keep).float().mean().item() / dropout_p < 1.7  # about dropout_p of the weights dropped
+    visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril() if mask_kind == "causal" else None
+    expected = {}
+    for name, ref_dtype in (("golden", torch.float64), ("plain", dtype)):
+        ref_leaves = [as_kernel_sees(t).to(ref_dtype).requires_grad_() for t in (q, k, v)]
+        ref_mask = visible if mask is None else mask.to(ref_dtype)
+        ref_out = reference.attention(*ref_leaves, attn_mask=ref_mask, dropout_p=dropout_p, dropout_mask=keep)
+        ref_out.backward(as_kernel_sees(do).to(ref_dtype))
+        expected[name] = [ref_out.detach()] + [t.grad for t in ref_leaves]
+    gradient_scale = do.abs().max().item() * v.abs().max().item() / (1 - dropout_p)
+    for i, (name, got) in enumerate(zip(("o", "dq", "dk", "dv"), [out.detach()] + [t.grad for t in leaves])):
+        assert_close_to_reference(name, as_kernel_sees(got), expected["golden"][i], expected["plain"][i],
+                                  2 if i == 0 else 3, dtype, None if i == 0 else gradient_scale)
+
+
+def test_dropout_p_of_one_falls_back_to_torchs_zeros() -> None:
+    q = torch.randn(1, 2, 5, 16)
     fused_attn.sdpa._WARNED.clear()
-    with pytest.warns(UserWarning, match="dropout"):
-        out = fused_attn.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    assert out.shape == q.shape and 0.5 < out.mean().item() < 1.5  # dropout applied, rescaled by 1 / (1 - p)
+    with pytest.warns(UserWarning, match="dropout_p=1"):
+        out = fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_mask_and_is_causal_together_are_refused_as_in_torch() -> None:
