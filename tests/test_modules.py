@@ -2,12 +2,14 @@
 and swap_attention on a model built from torch's own transformer layers."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 
 import fused_attn
+from fused_attn import reference
 from fused_attn.nn import MultiheadAttention
 
 CASES = [  # (embed, heads, kwargs of the constructor, (L, S, N), is_causal)
@@ -110,16 +112,60 @@ def test_unsupported_calls_fall_back_with_a_warning_and_torchs_result(call, reas
     assert (got[1] is None) == (expected[1] is None)
 
 
-def test_dropout_while_training_falls_back_but_not_in_eval() -> None:
-    module = MultiheadAttention(32, 2, dropout=0.1, batch_first=True)
-    x = torch.randn(1, 5, 32)
-    fused_attn.nn._WARNED.clear()
-    with pytest.warns(UserWarning, match="dropout"):
-        module(x, x, x, need_weights=False)
-    module.eval()
+def _reference_attention(q, k, v, *, dropout_p=0.0, **kwargs):
+    """Stand-in for fused_attn.attention: the reference, with the dropout mask the kernels would
+    use (its seed drawn from torch's default generator, as `attention` draws it)."""
+    keep = None
+    if dropout_p > 0:
+        keep = fused_attn.dropout_mask(fused_attn.dropout_seed(), q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+                                       dropout_p, q.device)
+    return reference.attention(q, k, v, dropout_p=dropout_p, dropout_mask=keep, **kwargs)
+
+
+def test_dropout_while_training_runs_in_the_kernels(monkeypatch) -> None:
+    """Training-mode dropout runs in the kernels (with the padding mask), repeatable under
+    torch.manual_seed and equal to the reference with the kernels' mask (output and parameter
+    gradients, under FlashAttention's rule); eval mode has no dropout and matches torch's module."""
+    torch.manual_seed(0)
+    ours = MultiheadAttention(32, 2, dropout=0.4, batch_first=True)
+    theirs = torch.nn.MultiheadAttention(32, 2, dropout=0.4, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 11, 32)
+    dropout_ps: list[float] = []
+    original = fused_attn.nn.attention
+    monkeypatch.setattr(fused_attn.nn, "attention",
+                        lambda *a, **kw: dropout_ps.append(kw["dropout_p"]) or original(*a, **kw))
+
+    def run(module: torch.nn.Module) -> list[torch.Tensor]:
+        module.zero_grad()
+        torch.manual_seed(5)
+        xs = x.to(next(module.parameters()).dtype)
+        out, _ = module(xs, xs, xs, need_weights=False, key_padding_mask=PADDING)
+        out.square().sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in module.parameters()]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        mine = run(ours)
+        assert dropout_ps == [0.4]
+        assert all(torch.equal(a, b) for a, b in zip(mine, run(ours)))  # the same seed, the same mask
+    monkeypatch.setattr(fused_attn.nn, "attention", _reference_attention)
+    monkeypatch.setattr(MultiheadAttention, "_why_not_fused", lambda *args: None)  # float64 too
+    plain, golden = run(copy.deepcopy(ours)), run(copy.deepcopy(ours).double())
+    for i, (got, theirs_plain, gold) in enumerate(zip(mine, plain, golden)):
+        my_err = (got.double() - gold).abs().max().item()
+        plain_err = (theirs_plain.double() - gold).abs().max().item()
+        assert plain_err <= 1e-4 * gold.abs().max().item()  # the same mask in both references
+        assert my_err <= (2 if i == 0 else 3) * plain_err + 1e-5 * gold.abs().max().item(), (i, my_err, plain_err)
+
+    monkeypatch.undo()
+    ours.eval(), theirs.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        module(x, x, x, need_weights=False)
+        evaluated, _ = ours(x, x, x, need_weights=False, key_padding_mask=PADDING)
+    expected, _ = theirs(x, x, x, need_weights=False, key_padding_mask=PADDING)
+    torch.testing.assert_close(evaluated, expected, rtol=1e-4, atol=1e-5)
+    assert (evaluated - mine[0]).abs().max() > 0.1  # training dropped weights
 
 
 def test_swap_attention_in_a_torch_transformer(device: str) -> None:
