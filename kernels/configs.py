@@ -71,8 +71,9 @@ def _fill_table() -> None:
             16: (cfg(64, 32, 4, 2), cfg(16, 32, 8, 1), cfg(64, 16, 8, 1)),
             32: (cfg(64, 32, 8, 2), cfg(32, 32, 8, 1), cfg(64, 16, 8, 1)),
             64: (cfg(64, 32, 8, 2), cfg(16, 16, 4, 1), cfg(64, 16, 8, 1)),
-            # dK/dV: 2 stages (1 stage spills 32 B with ieee dots).
-            128: (cfg(32, 32, 8, 1), cfg(16, 32, 8, 2), cfg(64, 16, 8, 1)),
+            # dK/dV: 2 stages (1 stage spills 32 B with ieee dots). dQ: 64x32 (64x16 spills 16 B with
+            # ieee dots since the variant flags; ptxas caps it at 128 registers).
+            128: (cfg(32, 32, 8, 1), cfg(16, 32, 8, 2), cfg(64, 32, 8, 1)),
             256: (cfg(16, 16, 8, 1), cfg(16, 32, 8, 1), cfg(16, 16, 8, 1)),
         },
         # fp16/bf16 on H100: block_m (fwd, dQ) and block_n (dK/dV) >= 64 for HGMMA. Forward 128x64 x
@@ -97,7 +98,8 @@ def _fill_table() -> None:
             32: (cfg(64, 32, 8, 2), cfg(16, 64, 8, 1), cfg(64, 16, 8, 1)),
             64: (cfg(64, 16, 8, 1), cfg(16, 32, 8, 1), cfg(64, 16, 8, 1)),
             128: (cfg(32, 32, 8, 1), cfg(32, 32, 8, 1), cfg(32, 16, 8, 1)),
-            256: (cfg(16, 16, 8, 1), cfg(16, 16, 8, 1), cfg(32, 16, 8, 1)),
+            # dQ: 16x32 (32x16 spills 16 B with ieee dots since the variant flags).
+            256: (cfg(16, 16, 8, 1), cfg(16, 16, 8, 1), cfg(16, 32, 8, 1)),
         },
     }
     for (cap, size), by_dim in table.items():
