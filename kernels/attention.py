@@ -128,6 +128,20 @@ def _scores(s, rows, cols, seq_q, seq_k, qk_scale_log2, softcap_in, softcap_out_
 
 
 @triton.jit
+def _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, seq_q, seq_k, IS_VARLEN: tl.constexpr):
+    """(q_start, seq_q, k_start, seq_k): where sequence `batch` starts in packed q and k, and its
+    lengths. For padded input, 0 and the lengths given; packed input passes the longest ones."""
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + batch)
+        seq_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
+        k_start = tl.load(CU_SEQLENS_K + batch)
+        seq_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
+    return q_start, seq_q, k_start, seq_k
+
+
+@triton.jit
 def _key_range(start_m, seq_q, seq_k, window_left, window_right, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr):
     """Keys of the query tile [start_m, start_m + BLOCK_M): [lo, hi) holds every key some row
@@ -254,14 +268,9 @@ def _attn_fwd(
     head = batch_head % num_heads_q
     head_kv = head // group_size
     start_m = tile_m * BLOCK_M
-    q_start = 0
-    k_start = 0
-    if IS_VARLEN:  # seq_q and seq_k arrived as the longest lengths; this sequence's are shorter
-        q_start = tl.load(CU_SEQLENS_Q + batch)
-        seq_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
-        k_start = tl.load(CU_SEQLENS_K + batch)
-        seq_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
-        if start_m >= seq_q:
+    q_start, seq_q, k_start, seq_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, seq_q, seq_k, IS_VARLEN)
+    if IS_VARLEN:
+        if start_m >= seq_q:  # the grid is sized for the longest sequence
             return
 
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + (q_start + start_m).to(tl.int64) * stride_qm
@@ -447,14 +456,9 @@ def _attn_bwd_dkdv(
     batch = batch_head_kv // num_heads_kv
     head_kv = batch_head_kv % num_heads_kv
     start_n = tile_n * BLOCK_N
-    q_start = 0
-    k_start = 0
+    q_start, seq_q, k_start, seq_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, seq_q, seq_k, IS_VARLEN)
     if IS_VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + batch)
-        seq_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
-        k_start = tl.load(CU_SEQLENS_K + batch)
-        seq_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
-        if start_n >= seq_k:
+        if start_n >= seq_k:  # the grid is sized for the longest sequence
             return
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -588,14 +592,9 @@ def _attn_bwd_dq(
     head = batch_head % num_heads_q
     head_kv = head // group_size
     start_m = tile_m * BLOCK_M
-    q_start = 0
-    k_start = 0
+    q_start, seq_q, k_start, seq_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, seq_q, seq_k, IS_VARLEN)
     if IS_VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + batch)
-        seq_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
-        k_start = tl.load(CU_SEQLENS_K + batch)
-        seq_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
-        if start_m >= seq_q:
+        if start_m >= seq_q:  # the grid is sized for the longest sequence
             return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)

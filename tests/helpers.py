@@ -115,3 +115,14 @@ def check_against_reference(case: Case, device: str, with_grad: bool = True) -> 
     for name, got, golden, plain, leaf in zip(("dq", "dk", "dv"), grads, golden_grads, plain_grads, leaves):
         assert got.dtype == leaf.dtype and got.shape == leaf.shape
         assert_close_to_reference(name, got, golden, plain, 3.0, case.dtype)
+
+
+def reference_with_kernels_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0,
+                                   **kwargs: object) -> torch.Tensor:
+    """Stand-in for fused_attn.attention: the reference, with the dropout mask the kernels would
+    use (its seed drawn from torch's default generator, as `attention` draws it)."""
+    keep = None
+    if dropout_p > 0:
+        keep = fused_attn.dropout_mask(fused_attn.dropout_seed(), q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+                                       dropout_p, q.device)
+    return reference.attention(q, k, v, dropout_p=dropout_p, dropout_mask=keep, **kwargs)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra (CI inst
 
 import fused_attn.hf  # noqa: E402
 from fused_attn import reference  # noqa: E402
+from tests.helpers import reference_with_kernels_dropout  # noqa: E402
 
 fused_attn.hf.register()
 
@@ -162,16 +163,6 @@ def test_unsupported_features_fall_back_with_a_warning(device: str, kernel_calls
     assert kernel_calls == []
 
 
-def _reference_attention(q, k, v, *, dropout_p=0.0, **kwargs):
-    """Stand-in for fused_attn.attention: the reference, with the dropout mask the kernels would
-    use (its seed drawn from torch's default generator, as `attention` draws it)."""
-    keep = None
-    if dropout_p > 0:
-        keep = fused_attn.dropout_mask(fused_attn.dropout_seed(), q.shape[0], q.shape[1], q.shape[2], k.shape[2],
-                                       dropout_p, q.device)
-    return reference.attention(q, k, v, dropout_p=dropout_p, dropout_mask=keep, **kwargs)
-
-
 def test_attention_dropout_while_training_runs_in_the_kernels(device: str, kernel_calls: list[dict],
                                                               monkeypatch) -> None:
     """Training with attention_dropout: the kernels apply it (no fallback), repeatably under
@@ -199,7 +190,7 @@ def test_attention_dropout_while_training_runs_in_the_kernels(device: str, kerne
         assert torch.equal(fused(ids).logits, mine[0])  # the same seeds, the same masks
     fused.eval()
     assert (fused(ids).logits - mine[0]).abs().max() > 1e-2 and kernel_calls[-1]["dropout_p"] == 0.0
-    monkeypatch.setattr(fused_attn.hf, "attention", _reference_attention)
+    monkeypatch.setattr(fused_attn.hf, "attention", reference_with_kernels_dropout)
     plain, golden = run(copy.deepcopy(fused)), run(copy.deepcopy(fused).double())
     for i, (got, theirs, gold) in enumerate(zip(mine, plain, golden)):
         assert (theirs.double() - gold).abs().max() <= 1e-4 * gold.abs().max()  # the same masks in both references

@@ -11,6 +11,7 @@ import torch
 import fused_attn
 from fused_attn import reference
 from fused_attn.nn import MultiheadAttention
+from tests.helpers import reference_with_kernels_dropout
 
 CASES = [  # (embed, heads, kwargs of the constructor, (L, S, N), is_causal)
     (64, 4, {}, (17, 17, 2), False),
@@ -112,16 +113,6 @@ def test_unsupported_calls_fall_back_with_a_warning_and_torchs_result(call, reas
     assert (got[1] is None) == (expected[1] is None)
 
 
-def _reference_attention(q, k, v, *, dropout_p=0.0, **kwargs):
-    """Stand-in for fused_attn.attention: the reference, with the dropout mask the kernels would
-    use (its seed drawn from torch's default generator, as `attention` draws it)."""
-    keep = None
-    if dropout_p > 0:
-        keep = fused_attn.dropout_mask(fused_attn.dropout_seed(), q.shape[0], q.shape[1], q.shape[2], k.shape[2],
-                                       dropout_p, q.device)
-    return reference.attention(q, k, v, dropout_p=dropout_p, dropout_mask=keep, **kwargs)
-
-
 def test_dropout_while_training_runs_in_the_kernels(monkeypatch) -> None:
     """Training-mode dropout runs in the kernels (with the padding mask), repeatable under
     torch.manual_seed and equal to the reference with the kernels' mask (output and parameter
@@ -149,7 +140,7 @@ def test_dropout_while_training_runs_in_the_kernels(monkeypatch) -> None:
         mine = run(ours)
         assert dropout_ps == [0.4]
         assert all(torch.equal(a, b) for a, b in zip(mine, run(ours)))  # the same seed, the same mask
-    monkeypatch.setattr(fused_attn.nn, "attention", _reference_attention)
+    monkeypatch.setattr(fused_attn.nn, "attention", reference_with_kernels_dropout)
     monkeypatch.setattr(MultiheadAttention, "_why_not_fused", lambda *args: None)  # float64 too
     plain, golden = run(copy.deepcopy(ours)), run(copy.deepcopy(ours).double())
     for i, (got, theirs_plain, gold) in enumerate(zip(mine, plain, golden)):
