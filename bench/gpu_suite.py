@@ -8,7 +8,9 @@ Runs from the repository root on a machine that already has torch and triton and
      time, log in OUT_DIR/tests.log; then the rest of the grid on CUDA, across pytest-xdist
      workers if installed, log in OUT_DIR/tests-cpu-grid.log (compile-only tests are left to CI),
   3. the benchmark (`python -m bench.run`) with whatever time is left, its tables in
-     OUT_DIR/bench.md, its progress in OUT_DIR/bench.log, rows in OUT_DIR/gpu.csv, PNG plots,
+     OUT_DIR/bench.md, its progress in OUT_DIR/bench.log, rows in OUT_DIR/gpu.csv, PNG plots;
+     then the variant benchmark (`python -m bench.variants --quick`, --variants-share of that
+     time), tables in OUT_DIR/bench-variants.md, rows in OUT_DIR/gpu_variants.csv,
   4. a short summary table, printed last and written to OUT_DIR/summary.md.
 Every step has a deadline, so the whole suite ends within --minutes.
 
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pytest-args", default="tests",
                         help="paths or -k filters for pytest (default: tests; the compile-only tests are left to CI)")
     parser.add_argument("--bench-args", default="", help="extra arguments for bench.run, e.g. '--quick'")
+    parser.add_argument("--variants-share", type=float, default=0.25,
+                        help="share of the benchmark time for `bench.variants --quick` (0: skip it)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -102,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     # pytest exits 5 when a selection has no tests; that is not a failure.
     tests_ok = all(c in (0, 5) for c in codes)
 
-    # Leave a minute for the benchmark's own tables and plots and for this summary.
-    budget = deadline - time.perf_counter() - 60
+    # Leave a minute for the benchmark's own tables and plots and for this summary; the variant
+    # benchmark (windows, ALiBi, softcap, dropout, packed input) gets its share after the main one.
+    budget = (deadline - time.perf_counter() - 60) * (1 - args.variants_share)
     bench_cmd = [sys.executable, "-m", "bench.run", "--out", str(out), "--budget-s", f"{max(budget - 30, 10):.0f}",
                  "--warmup-ms", "10", "--rep-ms", "50", *shlex.split(args.bench_args)]
     with (out / "bench.md").open("w") as tables:
@@ -116,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             bench_code = None
     steps.append(f"benchmark ({time.perf_counter() - bench_start:.0f} s, exit {bench_code}): tables in "
                  f"{out / 'bench.md'}")
+    variants_budget = deadline - time.perf_counter() - 45
+    if args.variants_share > 0 and variants_budget > 30:
+        code, took = _run([sys.executable, "-m", "bench.variants", "--quick", "--csv", str(out / "gpu_variants.csv")],
+                          out / "bench-variants.md", variants_budget)
+        steps.append(f"variant benchmark ({took:.0f} s, exit {code}): tables in {out / 'bench-variants.md'}")
 
     sys.path.insert(0, str(REPO))
     from bench import report
