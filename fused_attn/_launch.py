@@ -309,3 +309,56 @@ def dropout_mask(batch: int, heads: int, seq_q: int, seq_k: int, dropout_p: floa
     _kernels._dropout_mask[_grid(programs)](mask, heads, seq_q, seq_k, dropout_p, seed,
                                              BLOCK_M=block_m, BLOCK_N=block_n)
     return mask.bool()
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor,
+                    variant: Variant) -> torch.Tensor:
+    """float32 (B, len(heads), len(rows), Sk): exp(score - lse) of the chosen query rows and heads.
+    rows, heads: int32 index tensors on q's device."""
+    batch, heads_q, seq_q, _ = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    probs = torch.empty((batch, heads.shape[0], rows.shape[0], seq_k), dtype=torch.float32, device=q.device)
+    if probs.numel() == 0:
+        return probs
+    q, k = _aligned(q), _aligned(k)
+    head_dim = q.shape[3]
+    block_m, block_n, block_d = 32, 64, _padded(head_dim)
+    (args, tail), flags = _variant_args(variant, q, (0, 0), seq_q, seq_k)
+    programs = triton.cdiv(rows.shape[0], block_m) * triton.cdiv(seq_k, block_n) * batch * heads.shape[0]
+    _kernels._attn_probs[_grid(programs)](
+        q, k, lse, probs, rows, heads, *_strides3(q), *_strides3(k), heads_q * seq_q, seq_q,
+        *probs.stride()[:3], *args[2:9],
+        heads.shape[0], rows.shape[0], heads_q // heads_kv, seq_q, seq_k, head_dim, variant.scale * math.log2(math.e),
+        *tail[:4], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+        **{name: flags[name] for name in ("LIMIT_LEFT", "LIMIT_RIGHT", "BIAS_KIND", "HAS_ALIBI", "HAS_SOFTCAP")},
+        **_kernel_flags(q))
+    return probs
+
+
+def attention_stats(q: torch.Tensor, k: torch.Tensor, variant: Variant
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, entropy, max_prob) float32 (B, Hq, Sq) and received float32 (B, Hq, Sk), O(S) memory."""
+    batch, heads_q, seq_q, _ = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    lse = torch.full((batch, heads_q, seq_q), -math.inf, dtype=torch.float32, device=q.device)
+    entropy, max_prob = torch.zeros_like(lse), torch.zeros_like(lse)
+    received = torch.zeros((batch, heads_q, seq_k), dtype=torch.float32, device=q.device)
+    if batch * heads_q * seq_q == 0 or seq_k == 0:
+        return lse, entropy, max_prob, received
+    q, k = _aligned(q), _aligned(k)
+    head_dim = q.shape[3]
+    cfg = _select_configs(q, head_dim, head_dim)
+    block_d = _padded(head_dim)
+    (args, tail), flags = _variant_args(variant, q, (0, 0), seq_q, seq_k)
+    flags = {name: flags[name] for name in ("LIMIT_LEFT", "LIMIT_RIGHT", "BIAS_KIND", "HAS_ALIBI", "HAS_SOFTCAP")}
+    common = (*_strides3(q), *_strides3(k), *args[2:9], heads_q, heads_q // heads_kv, seq_q, seq_k, head_dim,
+              variant.scale * math.log2(math.e), *tail[:4])
+    # The forward's and dQ's tiles: the same score tile shapes, without v and its accumulator.
+    rows_cfg, cols_cfg = cfg.forward, cfg.backward_dq
+    _kernels._attn_row_stats[_grid(triton.cdiv(seq_q, rows_cfg.block_m) * batch * heads_q)](
+        q, k, lse, entropy, max_prob, *common, BLOCK_M=rows_cfg.block_m, BLOCK_N=rows_cfg.block_n, BLOCK_D=block_d,
+        EVEN_D=block_d == head_dim, **flags, num_warps=rows_cfg.num_warps, **_kernel_flags(q))
+    _kernels._attn_col_sums[_grid(triton.cdiv(seq_k, cols_cfg.block_n) * batch * heads_q)](
+        q, k, lse, received, *common, BLOCK_M=cols_cfg.block_m, BLOCK_N=cols_cfg.block_n, BLOCK_D=block_d,
+        EVEN_D=block_d == head_dim, **flags, num_warps=cols_cfg.num_warps, **_kernel_flags(q))
+    return lse, entropy, max_prob, received
