@@ -28,9 +28,12 @@ causal mask is aligned bottom-right, as a cache needs), and:
   derives from position_ids, which the boundaries already say; a padding mask passed together
   with the boundaries is not applied.
 
-A call the kernels cannot serve (an attention bias such as T5's, attention sinks,
-`output_attentions`) runs transformers' SDPA path instead, after a one-time warning naming the
-reason: never a silent change of meaning.
+`output_attentions=True` returns the real weights, recomputed exactly by
+`fused_attn.attention_probs` from the forward's lse (S x S in memory: the slow path, meant for
+inspection). A call the kernels cannot serve (an attention bias such as T5's, attention sinks,
+`output_attentions` together with dropout while training or with packed sequences) runs
+transformers' SDPA path instead, after a one-time warning naming the reason: never a silent
+change of meaning.
 """
 from __future__ import annotations
 
@@ -39,26 +42,35 @@ import warnings
 import torch
 
 from fused_attn.api import attention, attention_varlen
+from fused_attn.weights import attention_probs
 
 NAME = "fused_attn"
 _WARNED: set[str] = set()
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _fallback_reason(kwargs: dict) -> str | None:
+def _fallback_reason(dropout: float, kwargs: dict) -> str | None:
     if kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None:
         return "an additive attention bias or attention sinks"
     if kwargs.get("output_attentions"):
-        return "output_attentions=True (the kernels never form the weights)"
+        # The weights come from fused_attn.attention_probs, which gives the undropped
+        # probabilities of padded input; eager would return dropped ones.
+        if dropout > 0.0:
+            return "output_attentions=True with attention dropout while training"
+        if all(kwargs.get(name) is not None for name in _PACKED_KWARGS):
+            return "output_attentions=True with packed sequences"
     return None
 
 
 def fused_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention-function contract: query (B, Hq, Sq, D), key and value
-    (B, Hkv, Sk, D) -> (attn_output (B, Sq, Hq, Dv), None)."""
-    reason = _fallback_reason(kwargs)
+    (B, Hkv, Sk, D) -> (attn_output (B, Sq, Hq, Dv), None), or with ``output_attentions=True``
+    (attn_output, the attention weights (B, Hq, Sq, Sk) in the query's dtype, as eager returns
+    them). The weights are recomputed by `fused_attn.attention_probs` from the forward's lse:
+    exact, but S x S in memory, so it is the slow path, for inspection."""
+    reason = _fallback_reason(dropout, kwargs)
     if reason is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -76,8 +88,9 @@ def fused_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if attention_mask is not None:
         # The mask builder's mask (bool, True attends; or float, added) already holds causality,
         # padding and any sliding window; the kernels read it tile by tile.
-        out = attention(query, key, value, attn_mask=attention_mask[:, :, :, : key.shape[-2]], **options)
-        return out.transpose(1, 2), None
+        score_options = {"attn_mask": attention_mask[:, :, :, : key.shape[-2]], "scale": scaling,
+                         "softcap": options["softcap"]}
+        return _run(query, key, value, score_options, dropout, bool(kwargs.get("output_attentions")))
     # No mask: the builder decided none was needed (`_ignore_causal_mask_sdpa`). For a causal
     # module that means Sq == Sk, one query decoding against a cache (it sees every key), or the
     # prefill of an empty static cache, whose keys past Sq are unwritten slots that transformers'
@@ -86,8 +99,18 @@ def fused_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if causal and seq_q > 1 and key.shape[2] > seq_q:
         key, value = key[:, :, :seq_q], value[:, :, :seq_q]
     window = (sliding_window - 1, 0) if causal and sliding_window is not None else None
-    out = attention(query, key, value, causal=causal and seq_q > 1, window=window, **options)
-    return out.transpose(1, 2), None
+    score_options = {"causal": causal and seq_q > 1, "window": window, "scale": scaling, "softcap": options["softcap"]}
+    return _run(query, key, value, score_options, dropout, bool(kwargs.get("output_attentions")))
+
+
+def _run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_options: dict, dropout: float,
+         output_attentions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernels on padded input; with output_attentions also the weights, from the lse."""
+    if not output_attentions:
+        return attention(query, key, value, dropout_p=dropout, **score_options).transpose(1, 2), None
+    out, lse = attention(query, key, value, return_lse=True, **score_options)
+    weights = attention_probs(query, key, lse, **score_options).to(query.dtype)
+    return out.transpose(1, 2), weights
 
 
 def _packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, sliding_window: int | None,

@@ -60,11 +60,14 @@ SHARED_MEMORY_LIMITS: dict[int, int] = {80: 166_912, 90: 232_448}
 
 KERNELS: tuple[str, ...] = ("fwd", "preprocess", "dkdv", "dq")
 _KERNEL_FUNCTIONS = {"fwd": "_attn_fwd", "preprocess": "_attn_bwd_preprocess",
-                     "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
+                     "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq",
+                     # The inspection kernels (attention_probs / attention_stats): compiled by the
+                     # compile test, not part of the config table's report.
+                     "probs": "_attn_probs", "row_stats": "_attn_row_stats", "col_sums": "_attn_col_sums"}
 DTYPES_BY_ELEMENT_SIZE: dict[int, tuple[str, ...]] = {2: ("fp16", "bf16"), 4: ("fp32",)}
 _ELEMENT_SIZES = {dtype: size for size, dtypes in DTYPES_BY_ELEMENT_SIZE.items() for dtype in dtypes}
-_POINTER_ARGS_FP32 = ("LSE", "LSE_LOG2", "DELTA", "DBIAS", "ALIBI")  # always float32, whatever q's dtype
-_POINTER_ARGS_INT32 = ("CU_SEQLENS_Q", "CU_SEQLENS_K")
+_POINTER_ARGS_FP32 = ("LSE", "LSE_LOG2", "DELTA", "DBIAS", "ALIBI", "P", "ENTROPY", "MAX_PROB", "RECEIVED")  # always float32, whatever q's dtype
+_POINTER_ARGS_INT32 = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "ROWS", "HEADS")
 _FLOAT_ARGS = ("qk_scale_log2", "scale", "softcap_in", "softcap_out_log2", "dropout_p")
 _INT64_ARGS = ("dropout_seed",)
 # Strides the launcher derives from lengths or small tensors: not multiples of 16 in general.

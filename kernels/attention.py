@@ -765,17 +765,17 @@ def _attn_row_stats(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, _, _, hi = _key_range(start_m, seq_q, seq_k, window_left, window_right, BLOCK_M, BLOCK_N,
-                              LIMIT_LEFT, LIMIT_RIGHT)
+    lo, unmasked_lo, unmasked_hi, hi = _key_range(start_m, seq_q, seq_k, window_left, window_right, BLOCK_M,
+                                                  BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):  # every tile masked: this is the inspection path
         cols = start_n + offs_n
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
-        qk, _ = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
-                        softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
-                        window_left, window_right, True, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI,
-                        HAS_SOFTCAP)
+        qk, tanh_s = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
+                             softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                             window_left, window_right, True, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI,
+                             HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_base)
@@ -835,8 +835,8 @@ def _attn_col_sums(
     if HAS_ALIBI:
         alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
     received = tl.zeros([BLOCK_N], dtype=tl.float32)
-    lo, _, _, hi = _query_range(start_n, seq_q, seq_k, window_left, window_right, BLOCK_M, BLOCK_N,
-                                LIMIT_LEFT, LIMIT_RIGHT)
+    lo, unmasked_lo, unmasked_hi, hi = _query_range(start_n, seq_q, seq_k, window_left, window_right, BLOCK_M,
+                                                    BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_tile_m
         row_ok = offs_m < seq_q
@@ -844,10 +844,10 @@ def _attn_col_sums(
                     mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("-inf"))
         s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
-        qk_t, _ = _scores(s_t, offs_m[None, :], offs_n[:, None], seq_q, seq_k, qk_scale_log2, softcap_in,
-                          softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
-                          window_left, window_right, True, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI,
-                          HAS_SOFTCAP)
+        qk_t, tanh_t = _scores(s_t, offs_m[None, :], offs_n[:, None], seq_q, seq_k, qk_scale_log2, softcap_in,
+                               softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                               window_left, window_right, True, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI,
+                               HAS_SOFTCAP)
         lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # rows without keys, or past seq_q
         received += tl.sum(tl.math.exp2(qk_t - lse_log2[None, :]), 1)
     tl.store(RECEIVED + batch_head.to(tl.int64) * seq_k + offs_n, received, mask=offs_n < seq_k)

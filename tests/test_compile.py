@@ -146,6 +146,10 @@ from fused_attn import kernel_report as kr
 kr.check_environment(kr.DEFAULT_KERNEL_MODULE)
 jobs = kr.build_variant_jobs(capabilities=(80, 90), head_dims=(128,),
                              features={"all at once": kr.VARIANT_FEATURES["all at once"]})
+# The inspection kernels (attention_probs, attention_stats) with every score option on.
+score_flags = ("LIMIT_LEFT", "HAS_ALIBI", "HAS_SOFTCAP", "BIAS_KIND")
+jobs += [kr.CompileJob(cap, 128, "bf16", kernel, 64, 64, 4, 2, "tf32", features=score_flags)
+         for cap in (80, 90) for kernel in ("probs", "row_stats", "col_sums")]
 print(json.dumps([kr.compile_one(job).as_dict() for job in jobs]))
 """
 
@@ -153,8 +157,9 @@ print(json.dumps([kr.compile_one(job).as_dict() for job in jobs]))
 @pytest.mark.compile
 def test_every_variant_at_once_compiles_for_gpus() -> None:
     """The interpreter accepts code a GPU compile may not (an early return in the packed-input
-    path, Philox, the tanh): the kernels with every variant flag on compile for capability 80
-    and 90, fit shared memory and keep HGMMA. Spills of these rows are recorded by
+    path, Philox, the tanh, index gathers): the kernels with every variant flag on, and the
+    inspection kernels of attention_probs / attention_stats, compile for capability 80 and 90,
+    fit shared memory and keep HGMMA. Spills of these rows are recorded by
     `kernel_report --variants`, not checked here."""
     missing = _missing_nvidia_tools()
     if missing:
@@ -164,10 +169,13 @@ def test_every_variant_at_once_compiles_for_gpus() -> None:
                             text=True, timeout=REPORT_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {(row["capability"], row["kernel"]) for row in rows} == {(c, k) for c in (80, 90) for k in ("fwd", "dkdv", "dq")}
+    kernels = ("fwd", "dkdv", "dq", "probs", "row_stats", "col_sums")
+    assert {(row["capability"], row["kernel"]) for row in rows} == {(c, k) for c in (80, 90) for k in kernels}
     for row in rows:
         assert row["compiled"], f"{_row_id(row)}: {row['error']}"
         assert row["ok"], f"{_row_id(row)}: {row['failures']}"
-        assert set(row["features"]) >= {"LIMIT_LEFT", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "BIAS_KIND"}
+        assert set(row["features"]) >= {"LIMIT_LEFT", "HAS_ALIBI", "HAS_SOFTCAP", "BIAS_KIND"}
+        if row["kernel"] in ("fwd", "dkdv", "dq"):
+            assert set(row["features"]) >= {"HAS_DROPOUT", "IS_VARLEN"}
         if row["capability"] == 90:
             assert row["hgmma"] > 0

@@ -148,9 +148,13 @@ def test_unsupported_features_fall_back_with_a_warning(device: str, kernel_calls
     fused, eager, _ = _twins(transformers.LlamaForCausalLM, _llama_config(), device)
     ids = torch.randint(0, 97, (1, 7), device=device)
     fused_attn.hf._WARNED.clear()
-    with pytest.warns(UserWarning, match="output_attentions"):
-        got = fused(ids, output_attentions=True).logits
-    torch.testing.assert_close(got, eager(ids).logits, rtol=1e-4, atol=1e-5)
+    fused.train()  # attention dropout while training: eager would return dropped weights
+    fused.config.attention_dropout = eager.config.attention_dropout = 0.1
+    for layer in fused.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with pytest.warns(UserWarning, match="output_attentions=True with attention dropout"):
+        fused(ids, output_attentions=True)  # transformers' SDPA path: no weights, as it warns itself
+    assert kernel_calls == []
     # An additive position bias (T5's), handed to the attention function as transformers does.
     module = torch.nn.Module()
     module.is_causal = False
@@ -364,3 +368,28 @@ def test_from_pretrained_with_attn_implementation(tmp_path, device: str, kernel_
     ids = torch.randint(0, 97, (1, 12), device=device)
     torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-4)
     assert _causal(kernel_calls) == [True, True]
+
+
+@pytest.mark.parametrize("model", ["llama", "bert-padded"])
+def test_output_attentions_returns_eagers_weights(model: str, device: str, kernel_calls: list[dict]) -> None:
+    """output_attentions=True returns the real weights (fused_attn.attention_probs from the kernels'
+    lse), not None: against eager's weights and a float64 model under the rule, with GQA and a
+    causal decoder (no mask) and with a padded encoder (the mask path)."""
+    if model == "llama":
+        fused, eager, golden = _twins(transformers.LlamaForCausalLM, _llama_config(), device)
+        ids, mask = torch.randint(0, 97, (2, 13), device=device), None
+    else:
+        fused, eager, golden = _twins(transformers.BertModel, _bert_config(), device)
+        ids = torch.randint(0, 97, (2, 11), device=device)
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mine = fused(ids, attention_mask=mask, output_attentions=True).attentions
+    theirs = eager(ids, attention_mask=mask, output_attentions=True).attentions
+    gold = golden(ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(mine) == len(theirs) == 2 and len(kernel_calls) == 2
+    for layer, (m, t, g) in enumerate(zip(mine, theirs, gold)):
+        assert m.shape == t.shape and m.dtype == t.dtype
+        _assert_rule(f"layer {layer} weights", m, t, g, 2)
+        torch.testing.assert_close(m.sum(-1), torch.ones_like(m.sum(-1)), rtol=0, atol=1e-5)
