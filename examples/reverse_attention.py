@@ -1,10 +1,12 @@
 """A real attention pattern: a tiny encoder-decoder transformer learns to reverse a sequence, and
 its cross-attention, read back with fused_attn, shows the anti-diagonal alignment.
 
-The model (plain torch modules: token embedding + learned positions, pre-LN encoder and decoder
-layers, d_model 64, 4 heads) is trained with teacher forcing on random sequences of letters, with
-torch's `scaled_dot_product_attention` for speed. Afterwards, for one held-out sequence, the
-queries, keys and values of the last decoder layer's cross-attention go through
+The model (plain torch modules: token embedding + learned positions, two pre-LN encoder layers and
+one decoder layer with causal self-attention and cross-attention, d_model 64, 4 heads) is trained
+with teacher forcing on random sequences of 10 letters, with torch's `scaled_dot_product_attention`
+for speed. The decoder's only path to the source is its cross-attention, so that is where the
+reversal has to happen. Afterwards, for one held-out sequence, the queries, keys and values of the
+(last) decoder layer's cross-attention go through
 
 * `fused_attn.attention(q, k, v, return_lse=True)` (checked against the model's own output),
 * `fused_attn.attention_probs(q, k, lse)`: the exact attention map, drawn with
@@ -15,10 +17,11 @@ queries, keys and values of the last decoder layer's cross-attention go through
 Output position i copies source position L-1-i, so the map is an anti-diagonal; the script prints
 how much of each output row's mass lies there.
 
-    python examples/reverse_attention.py                 # ~30 s on one CPU core, PNGs to docs/
+    python examples/reverse_attention.py                 # ~15 s on one CPU core, PNGs to docs/
     python examples/reverse_attention.py --steps 100 --out /tmp/rev
 
-Without a GPU the kernels run on CPU tensors through the Triton interpreter.
+The model trains on the CPU; fused_attn runs on the GPU when there is one, else on CPU tensors through
+the Triton interpreter.
 """
 from __future__ import annotations
 
@@ -46,10 +49,12 @@ BOS = VOCAB         # decoder start token
 LENGTH = 10         # tokens per sequence
 D_MODEL = 64
 HEADS = 4
-LAYERS = 2          # encoder layers and decoder layers each
+ENCODER_LAYERS = 2
+DECODER_LAYERS = 1
 STEPS = 400
 BATCH = 64
 SEED = 0
+POS_STD = 1.0       # learned positions start as large as the token embeddings: sharp positional attention
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -120,13 +125,13 @@ class Reverser(nn.Module):
     sequence, given the decoder input [BOS, y_0, ..., y_{L-2}] (teacher forcing)."""
 
     def __init__(self, vocab: int = VOCAB, length: int = LENGTH, d_model: int = D_MODEL, heads: int = HEADS,
-                 layers: int = LAYERS) -> None:
+                 encoder_layers: int = ENCODER_LAYERS, decoder_layers: int = DECODER_LAYERS) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab + 1, d_model)  # + BOS
-        self.src_pos = nn.Parameter(torch.randn(length, d_model) * 0.1)
-        self.tgt_pos = nn.Parameter(torch.randn(length, d_model) * 0.1)
-        self.encoder = nn.ModuleList(EncoderLayer(d_model, heads) for _ in range(layers))
-        self.decoder = nn.ModuleList(DecoderLayer(d_model, heads) for _ in range(layers))
+        self.src_pos = nn.Parameter(torch.randn(length, d_model) * POS_STD)
+        self.tgt_pos = nn.Parameter(torch.randn(length, d_model) * POS_STD)
+        self.encoder = nn.ModuleList(EncoderLayer(d_model, heads) for _ in range(encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(d_model, heads) for _ in range(decoder_layers))
         self.enc_norm, self.dec_norm = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab)
 
@@ -166,8 +171,18 @@ def batch_of(count: int, generator: torch.Generator, length: int = LENGTH) -> tu
 
 # ------------------------------------------------------------------------------------- training
 def train(steps: int = STEPS, seed: int = SEED, log_every: int = 0) -> tuple[Reverser, float]:
-    """Train a Reverser for `steps` Adam steps on fresh random batches; return it (in eval mode) and
-    the mean loss of the last 20 steps."""
+    """Train a Reverser for `steps` AdamW steps on fresh random batches; return it (in eval mode) and
+    the mean loss of the last 20 steps. Runs on one CPU thread (restored afterwards): the matmuls are
+    tiny, and more threads only fight over the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(steps, seed, log_every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(steps: int, seed: int, log_every: int) -> tuple[Reverser, float]:
     torch.manual_seed(seed)
     model = Reverser()
     generator = torch.Generator().manual_seed(seed + 1)
@@ -237,10 +252,14 @@ def cross_attention(model: Reverser, src: torch.Tensor) -> CrossAttention:
         layer.keep = False
     kept = layer.kept
     q, k, v = (kept[n].contiguous() for n in ("q", "k", "v"))
-    kernel_out, lse = fused_attn.attention(q, k, v, return_lse=True)
-    probs = fused_attn.attention_probs(q, k, lse)
-    stats = fused_attn.attention_stats(q, k)
-    return CrossAttention(src[0], output[0], q, k, v, kept["o"], kernel_out, lse, probs, stats)
+    # The model stays on the CPU; the kernels run on the GPU when there is one, else interpreted.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qd, kd, vd = (t.to(device) for t in (q, k, v))
+    kernel_out, lse = fused_attn.attention(qd, kd, vd, return_lse=True)
+    probs = fused_attn.attention_probs(qd, kd, lse)
+    stats = fused_attn.attention_stats(qd, kd)
+    stats = fused_attn.AttentionStats(*(t.cpu() for t in (stats.lse, stats.entropy, stats.max_prob, stats.received)))
+    return CrossAttention(src[0], output[0], q, k, v, kept["o"], kernel_out.cpu(), lse.cpu(), probs.cpu(), stats)
 
 
 def anti_diagonal_mass(probs: torch.Tensor) -> torch.Tensor:
@@ -256,18 +275,22 @@ def float64_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def save_plots(attn: CrossAttention, out: Path) -> tuple[Path, Path]:
-    """Heat map of the head-averaged cross-attention and bar chart of the attention each source
-    token receives (averaged over heads)."""
+    """Heat map of the head-averaged cross-attention (output positions on y, source tokens on x) and
+    bar chart of the attention each source token receives (also averaged over heads)."""
     source = [f"{c}{i}" for i, c in enumerate(letters(attn.src))]
     produced = [f"{i}:{c}" for i, c in enumerate(letters(attn.output))]
+    heads = attn.probs.shape[1]
     mass = anti_diagonal_mass(attn.probs[0].mean(0)).item()
     heat = fused_attn.plot.heatmap(
         attn.probs[0].mean(0), out / "reverse_cross_attention.png", row_labels=produced, col_labels=source,
-        title=f"Reversal: last decoder layer's cross-attention (mean of {attn.probs.shape[1]} heads)\n"
-              f"fused_attn.attention_probs; anti-diagonal mass {mass:.2f}")
+        title=f"Reversing {''.join(letters(attn.src))}: decoder cross-attention, mean of {heads} heads\n"
+              f"(fused_attn.attention_probs; anti-diagonal mass {mass:.2f})",
+        xlabel="source token (letter, position)", ylabel="output (position: letter)")
     bars = fused_attn.plot.received(
         attn.stats.received[0].mean(0), out / "reverse_received.png", labels=source,
-        title="Attention each source token receives (fused_attn.attention_stats, mean of heads)")
+        title=f"Attention each source token receives from the {attn.q.shape[2]} output positions "
+              f"(fused_attn.attention_stats, mean of {heads} heads)",
+        xlabel="source token (letter, position)")
     return heat, bars
 
 
@@ -291,13 +314,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     attn = cross_attention(model, src)
     print(f"example: {' '.join(letters(attn.src))} -> {' '.join(letters(attn.output))}")
     print(f"fused_attn.attention vs the model's SDPA output: max |diff| {attn.max_error:.2e}")
+    probs_error = (attn.probs.double() - float64_softmax(attn.q, attn.k)).abs().max().item()
+    print(f"fused_attn.attention_probs vs the model's softmax weights in float64: max |diff| {probs_error:.2e}")
+    if attn.max_error > 1e-4 or probs_error > 1e-4:
+        raise RuntimeError("fused_attn disagrees with the model's own attention")
     per_head = anti_diagonal_mass(attn.probs[0])
     mean_map = anti_diagonal_mass(attn.probs[0].mean(0)).item()
-    print("anti-diagonal mass (attention on the copied source position, mean over output rows): "
-          f"head-averaged map {mean_map:.3f}; per head " + ", ".join(f"{m:.3f}" for m in per_head.tolist()))
+    per_row = attn.probs[0].mean(0).flip(-1).diagonal()
+    print("anti-diagonal mass (attention an output row puts on the source position it copies, mean over rows): "
+          f"{mean_map:.3f} for the head-averaged map; per head " + ", ".join(f"{m:.3f}" for m in per_head.tolist()))
+    print("  per output row (head-averaged): " + " ".join(f"{m:.2f}" for m in per_row.tolist()))
     heat, bars = save_plots(attn, args.out)
     print(f"wrote {heat} ({heat.stat().st_size // 1024} KB) and {bars} ({bars.stat().st_size // 1024} KB)")
     return {"loss": loss, "token_accuracy": token_acc, "sequence_accuracy": seq_acc, "max_error": attn.max_error,
+            "probs_error": probs_error,
             "anti_diagonal": mean_map, "anti_diagonal_per_head": per_head.tolist(), "heatmap": heat,
             "received": bars, "model": model, "attention": attn}
 

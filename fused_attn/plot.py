@@ -15,6 +15,7 @@ works headless and leaves the caller's pyplot backend and open figures alone.
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -81,6 +82,18 @@ def _ticks(axis: Any, which: str, labels: list[str] | None, count: int) -> None:
         axis.set_yticklabels(texts, fontsize=8)
 
 
+def _decorate(figure: Any, axis: Any, title: str | None, xlabel: str | None, ylabel: str | None) -> None:
+    if xlabel:
+        axis.set_xlabel(xlabel)
+    if ylabel:
+        axis.set_ylabel(ylabel)
+    if title:
+        # Wrap to the figure's width (about 13 characters an inch at this size), keeping given line breaks.
+        width = max(20, int(figure.get_figwidth() * 13))
+        lines = [wrapped for line in str(title).splitlines() for wrapped in (textwrap.wrap(line, width) or [""])]
+        axis.set_title("\n".join(lines), fontsize=10)
+
+
 def _save(figure: Any, canvas: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +103,8 @@ def _save(figure: Any, canvas: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def heatmap(probs: torch.Tensor, path: str | os.PathLike[str], *, row_labels: Sequence[Any] | None = None,
-            col_labels: Sequence[Any] | None = None, title: str | None = None) -> Path:
+            col_labels: Sequence[Any] | None = None, title: str | None = None, xlabel: str | None = "key",
+            ylabel: str | None = "query") -> Path:
     """Write a PNG heat map of a 2-D slice of an attention map and return its path.
 
     Args:
@@ -99,7 +113,8 @@ def heatmap(probs: torch.Tensor, path: str | os.PathLike[str], *, row_labels: Se
         path: where the PNG goes (parent folders are created).
         row_labels: optional, one label per row (query tokens), shown on the y axis.
         col_labels: optional, one label per key (key tokens), shown on the x axis.
-        title: optional figure title.
+        title: optional figure title (wrapped to the figure's width).
+        xlabel, ylabel: axis titles (None for none).
 
     Raises:
         ValueError: `probs` is not 2-D, or a label list does not match its dimension.
@@ -109,22 +124,20 @@ def heatmap(probs: torch.Tensor, path: str | os.PathLike[str], *, row_labels: Se
     rows, keys = matrix.shape
     row_labels = _labels("row_labels", row_labels, rows, "row of probs")
     col_labels = _labels("col_labels", col_labels, keys, "key (column) of probs")
-    figure, canvas = _figure(min(12.0, 2.0 + 0.32 * keys), min(12.0, 1.5 + 0.32 * rows))
+    figure, canvas = _figure(min(12.0, max(4.5, 2.0 + 0.32 * keys)), min(12.0, max(3.5, 1.5 + 0.32 * rows)))
     axis = figure.add_subplot()
     image = axis.imshow(matrix.numpy(), cmap="viridis", aspect="auto", interpolation="nearest",
                         vmin=0.0, vmax=max(float(matrix.max()), 1e-12))
     figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="probability")
     _ticks(axis, "x", col_labels, keys)
     _ticks(axis, "y", row_labels, rows)
-    axis.set_xlabel("key")
-    axis.set_ylabel("query")
-    if title:
-        axis.set_title(title, fontsize=10)
+    _decorate(figure, axis, title, xlabel, ylabel)
     return _save(figure, canvas, path)
 
 
 def received(values: torch.Tensor, path: str | os.PathLike[str], *, labels: Sequence[Any] | None = None,
-             title: str | None = None) -> Path:
+             title: str | None = None, xlabel: str | None = "key", ylabel: str | None = "attention received"
+             ) -> Path:
     """Write a PNG bar chart of the attention each key receives and return its path.
 
     Args:
@@ -133,7 +146,8 @@ def received(values: torch.Tensor, path: str | os.PathLike[str], *, labels: Sequ
             Any device and floating dtype.
         path: where the PNG goes (parent folders are created).
         labels: optional, one label per key (key tokens), shown on the x axis.
-        title: optional figure title.
+        title: optional figure title (wrapped to the figure's width).
+        xlabel, ylabel: axis titles (None for none).
 
     Raises:
         ValueError: `values` is not 1-D, or `labels` does not have one label per key.
@@ -142,14 +156,11 @@ def received(values: torch.Tensor, path: str | os.PathLike[str], *, labels: Sequ
     vector = _as_matrix("values", values, 1)
     keys = vector.shape[0]
     labels = _labels("labels", labels, keys, "key of values")
-    figure, canvas = _figure(min(14.0, 2.5 + 0.35 * keys), 3.2)
+    figure, canvas = _figure(min(14.0, max(5.0, 2.5 + 0.35 * keys)), 3.4)
     axis = figure.add_subplot()
     axis.bar(range(keys), vector.numpy(), color="tab:blue", width=0.8)
     _ticks(axis, "x", labels, keys)
     axis.set_xlim(-0.6, keys - 0.4)
-    axis.set_xlabel("key")
-    axis.set_ylabel("attention received")
     axis.grid(axis="y", alpha=0.3)
-    if title:
-        axis.set_title(title, fontsize=10)
+    _decorate(figure, axis, title, xlabel, ylabel)
     return _save(figure, canvas, path)

@@ -55,7 +55,8 @@ def _indices(name: str, value: torch.Tensor | Sequence[int] | range | None, size
                             f"{str(value.dtype).replace('torch.', '')} of shape {tuple(value.shape)}")
         indices = value.tolist()
     else:
-        if isinstance(value, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        iterable = hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
+        if not iterable or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
             raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {value!r}")
         indices = list(value)
     bad = [i for i in indices if not -size <= i < size]

@@ -82,16 +82,16 @@ class Case:
 
 
 CASES = [
-    Case(1, 4, 2, 97, 200, 40, FP16),                                   # Sq < Sk, unpadded head dim, GQA
-    Case(2, 4, 1, 200, 97, 80, BF16, causal=True),                      # Sq > Sk: 103 rows see no key
+    Case(1, 2, 1, 97, 200, 40, FP16),                                   # Sq < Sk, unpadded head dim, GQA
+    Case(1, 2, 1, 200, 97, 80, BF16, causal=True),                      # Sq > Sk: 103 rows see no key
     Case(1, 2, 2, 17, 17, 64, FP32, window=(5, 2)),
     Case(1, 4, 1, 1, 200, 40, FP16, causal=True),                       # one query (decoding)
     Case(1, 2, 1, 97, 1, 80, BF16, causal=True),                        # one key: all rows but the last are empty
-    Case(2, 4, 2, 97, 97, 64, FP16, alibi=True, softcap=5.0),
-    Case(1, 2, 1, 17, 97, 40, FP32, mask="bool", scale=0.3),
-    Case(1, 4, 2, 97, 200, 80, BF16, causal=True, mask="float"),
+    Case(2, 2, 1, 50, 97, 64, FP16, alibi=True, softcap=5.0),           # ALiBi distances off the diagonal
+    Case(1, 4, 2, 17, 97, 40, FP32, mask="bool", scale=0.3),
+    Case(1, 2, 1, 60, 200, 80, BF16, causal=True, mask="float"),
     Case(1, 2, 2, 200, 17, 40, FP16, causal=True, window=(3, 0)),       # left window past an Sq > Sk diagonal
-    Case(1, 4, 4, 97, 97, 80, FP32, window=(16, 16), alibi=True, softcap=2.0),
+    Case(1, 2, 2, 97, 97, 80, FP32, window=(16, 16), alibi=True, softcap=2.0),
 ]
 
 
@@ -155,6 +155,19 @@ def chosen_heads(heads_q: int) -> list[int]:
     return [-1, 0] if heads_q > 1 else [0]
 
 
+def assert_float32_accurate(name: str, got: torch.Tensor, golden: torch.Tensor) -> None:
+    """A second, tighter bar besides the rule. For 16-bit inputs the rule is loose (plain PyTorch
+    rounds every score and probability to 16 bits), but these kernels compute in float32 from the
+    exact inputs, so they stay within float32 rounding of the float64 reference: a small error in
+    the band, a bias or a slope that the rule would let through still shows here."""
+    finite = torch.isfinite(golden)
+    if not finite.any():
+        return
+    err = (got.double() - golden)[finite].abs().max().item()
+    bound = 1e-5 * max(1.0, golden[finite].abs().max().item())
+    assert err <= bound, f"{name}: error {err:.2e} against the float64 reference > {bound:.1e}"
+
+
 def assert_rows_sum_to_one_or_zero(probs: torch.Tensor, has_key: torch.Tensor) -> None:
     """Each row sums to 1 over keys; a row without a visible key is exactly 0 everywhere."""
     sums = probs.sum(-1)
@@ -180,6 +193,7 @@ def test_probs_match_reference(case: Case, device: str) -> None:
     assert probs.dtype == torch.float32
     assert probs.shape == (case.batch, case.heads_q, case.seq_q, case.seq_k)
     assert_close_to_reference("probs", probs, golden, plain, 2.0, case.dtype)
+    assert_float32_accurate("probs", probs, golden)
     assert_rows_sum_to_one_or_zero(probs, has_key)
 
     rows = chosen_rows(case.seq_q, torch.Generator().manual_seed(1))
@@ -191,8 +205,11 @@ def test_probs_match_reference(case: Case, device: str) -> None:
         return t[:, heads][:, :, rows]
 
     assert_close_to_reference("probs", some, pick(golden), pick(plain), 2.0, case.dtype)
+    assert_float32_accurate("probs", some, pick(golden))
     assert_rows_sum_to_one_or_zero(some, pick(has_key))
-    torch.testing.assert_close(some, pick(probs), rtol=1e-6, atol=1e-7)
+    # Not bitwise: a row's scores come from a dot product over a different tile of rows, and the
+    # interpreter's matmul may round an element differently depending on where it sits.
+    torch.testing.assert_close(some, pick(probs), rtol=1e-5, atol=1e-6)
 
 
 def test_index_kinds_agree(device: str) -> None:
@@ -215,9 +232,10 @@ def test_index_kinds_agree(device: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def check_stats(case: Case, device: str, stats: fused_attn.AttentionStats) -> None:
-    """lse, entropy, max_prob and received of `stats` (for make_inputs(case)) under the rule,
-    with the invariants that need no reference: rows without a key have lse -inf, entropy 0 and
-    max_prob 0; entropy >= 0 and max_prob <= 1; received sums to the number of queries with a key."""
+    """lse, entropy, max_prob and received of `stats` (for make_inputs(case)) under the rule and
+    within float32 rounding of the float64 reference, with the invariants that need no reference:
+    rows without a key have lse -inf, entropy 0 and max_prob 0; entropy >= 0 and max_prob <= 1;
+    received sums to the number of queries with a key."""
     q, k, options = make_inputs(case, device)
     golden, golden_lse = reference_probs(q, k, torch.float64, options)
     plain, plain_lse = reference_probs(q, k, case.dtype, options)
@@ -228,10 +246,12 @@ def check_stats(case: Case, device: str, stats: fused_attn.AttentionStats) -> No
     assert stats.received.shape == (case.batch, case.heads_q, case.seq_k)
 
     assert_close_to_reference("lse", stats.lse, golden_lse, plain_lse, 2.0, case.dtype)
+    assert_float32_accurate("lse", stats.lse, golden_lse)
     for name, got, gold, flat in zip(("entropy", "max_prob", "received"),
                                      (stats.entropy, stats.max_prob, stats.received),
                                      row_stats(golden), row_stats(plain)):
         assert_close_to_reference(name, got, gold, flat, 2.0, case.dtype)
+        assert_float32_accurate(name, got, gold)
 
     has_key = torch.isfinite(golden_lse)
     assert torch.all(stats.lse[~has_key] == -math.inf)
@@ -280,10 +300,10 @@ def test_stats_do_not_depend_on_tile_shapes(configs: AttentionConfigs, device: s
 def test_inputs_unchanged_and_results_deterministic(device: str) -> None:
     """Head dim 64 and contiguous inputs, so the kernels read the caller's own tensors (no padded
     copy): nothing may be written to them, and two identical calls give identical bits."""
-    case = Case(2, 4, 2, 70, 90, 64, FP16, causal=True, alibi=True, mask="float")
+    case = Case(2, 2, 1, 40, 70, 64, FP16, causal=True, alibi=True, mask="float")
     q, k, options = make_inputs(case, device)
     lse = fused_lse(q, k, options)
-    rows, heads = torch.tensor([5, -1, 5, 0], device=device), torch.tensor([3, 1], device=device)
+    rows, heads = torch.tensor([5, -1, 5, 0], device=device), torch.tensor([1, 0], device=device)
     tensors = {"q": q, "k": k, "lse": lse, "rows": rows, "heads": heads,
                "alibi_slopes": options["alibi_slopes"], "attn_mask": options["attn_mask"]}
     before = {name: t.clone() for name, t in tensors.items()}
@@ -302,7 +322,7 @@ def test_inputs_unchanged_and_results_deterministic(device: str) -> None:
 def test_strided_inputs_match_contiguous(device: str) -> None:
     """q and k seen through (B, S, H, D).transpose(1, 2), a non-contiguous lse and a broadcast
     mask read the same values as contiguous copies: the same bits come out."""
-    case = Case(1, 4, 2, 33, 70, 64, BF16, window=(10, 5), mask="bool")
+    case = Case(1, 2, 1, 33, 70, 64, BF16, window=(10, 5), mask="bool")
     q, k, options = make_inputs(case, device)
     lse = fused_lse(q, k, options)
     mask = options["attn_mask"]
@@ -401,6 +421,8 @@ def _valid_args(device: str) -> dict[str, object]:
 SHARED_BAD = [
     ("q-float64", {"q": lambda a: a["q"].double()}, TypeError, "q has dtype float64"),
     ("k-head-dim", {"k": lambda a: a["k"][..., :8]}, ValueError, "k must have head_dim 16"),
+    ("k-float32", {"k": lambda a: a["k"].float()}, TypeError, "share one dtype"),
+    ("k-batch", {"k": lambda a: a["k"][:1]}, ValueError, "k and v must have batch size 2"),
     ("k-heads-not-divisor", {"k": lambda a: a["k"][:, :1].expand(2, 3, 8, 16)}, ValueError, "multiple of k's"),
     ("causal-int", {"causal": lambda a: 1}, TypeError, "causal must be a bool"),
     ("window-causal-right", {"causal": lambda a: True, "window": lambda a: (4, 2)}, ValueError,
@@ -427,7 +449,7 @@ PROBS_BAD = SHARED_BAD + [
     ("lse-device", {"lse": lambda a: a["lse"].to(_other_device(a["q"].device.type))}, ValueError,
      "lse must be float32 .* on "),
     ("rows-past-end", {"rows": lambda a: [0, 8]}, ValueError, r"rows must index a dimension of size 8, got \[8\]"),
-    ("rows-before-start", {"rows": lambda a: [-9, 2]}, ValueError, r"rows must index a dimension of size 8, got \[-9\]"),
+    ("rows-before-start", {"rows": lambda a: [-9, 2]}, ValueError, r"rows must index a dimension of size 8, got \[-9"),
     ("rows-tensor-out-of-range", {"rows": lambda a: torch.tensor([100])}, ValueError, "rows must index"),
     ("rows-float-tensor", {"rows": lambda a: torch.tensor([0.0, 1.0])}, TypeError, "rows must be a 1-D integer tensor"),
     ("rows-bool-tensor", {"rows": lambda a: torch.ones(8, dtype=torch.bool)}, TypeError, "rows must be a 1-D integer"),
@@ -438,6 +460,7 @@ PROBS_BAD = SHARED_BAD + [
     ("rows-int", {"rows": lambda a: 3}, TypeError, "rows must be"),
     ("heads-past-end", {"heads": lambda a: [4]}, ValueError, r"heads must index a dimension of size 4, got \[4\]"),
     ("heads-negative", {"heads": lambda a: [-5]}, ValueError, "heads must index"),
+    ("heads-int", {"heads": lambda a: 0}, TypeError, "heads must be"),
     ("heads-float-tensor", {"heads": lambda a: torch.tensor([0.5])}, TypeError, "heads must be a 1-D integer"),
 ]
 
@@ -484,14 +507,14 @@ def rows_reference(q: torch.Tensor, k: torch.Tensor, rows: list[int]) -> torch.T
     return torch.softmax(scores.masked_fill(hidden, -math.inf), dim=-1)
 
 
-def check_long_causal_sequence(seq: int, device: str) -> None:
-    """bf16 causal, B=1, H=2, D=64. attention_probs of 4 rows (the first, the middle and the last
+def check_long_causal_sequence(seq: int, heads: int, device: str) -> None:
+    """bf16 causal, B=1, D=64. attention_probs of 4 rows (the first, the middle and the last
     two) matches a float64 reference of those rows; attention_stats agrees with those rows'
     probabilities on entropy and max_prob, and on what the last two keys receive (under causal
     only the last two rows see them); received sums to seq. On CUDA the stats' peak memory
     stays far below seq x seq."""
     gen = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(1, 2, seq, 64, generator=gen).to(device=device, dtype=BF16) for _ in range(2))
+    q, k = (torch.randn(1, heads, seq, 64, generator=gen).to(device=device, dtype=BF16) for _ in range(2))
     rows = [0, seq // 2, seq - 2, seq - 1]
 
     if device == "cuda":
@@ -512,18 +535,22 @@ def check_long_causal_sequence(seq: int, device: str) -> None:
     entropy, max_prob, _ = row_stats(probs.double())
     torch.testing.assert_close(stats.entropy[:, :, rows].double(), entropy, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(stats.max_prob[:, :, rows].double(), max_prob, rtol=1e-4, atol=1e-6)
-    assert torch.all(stats.entropy[:, :, 0] == 0) and torch.all(stats.max_prob[:, :, 0] == 1)  # one key: exact
+    # Row 0 sees key 0 only: entropy 0 and max_prob 1 (exact in the interpreter; the GPU's
+    # approximate log2 and division may not be).
+    torch.testing.assert_close(stats.entropy[:, :, 0], torch.zeros_like(stats.entropy[:, :, 0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(stats.max_prob[:, :, 0], torch.ones_like(stats.max_prob[:, :, 0]), rtol=0, atol=1e-6)
     last_two = probs[:, :, 2:, -2:].double().sum(-2)
     torch.testing.assert_close(stats.received[:, :, -2:].double(), last_two, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(stats.received.double().sum(-1), torch.full((1, 2), float(seq), dtype=torch.float64,
+    torch.testing.assert_close(stats.received.double().sum(-1), torch.full((1, heads), float(seq), dtype=torch.float64,
                                                                             device=device), rtol=1e-4, atol=0)
 
 
 def test_long_causal_sequence_cpu_twin(device: str) -> None:
-    """check_long_causal_sequence at 300 tokens (more keys than the eye-based reference takes)."""
-    check_long_causal_sequence(300, device)
+    """check_long_causal_sequence at 260 tokens (more keys than the eye-based reference takes), one head."""
+    check_long_causal_sequence(260, 1, device)
 
 
 @pytest.mark.gpu
 def test_long_causal_sequence_64k() -> None:
-    check_long_causal_sequence(65536, "cuda")
+    """65536 tokens, two heads: where S x S float32 would be 32 GiB."""
+    check_long_causal_sequence(65536, 2, "cuda")
