@@ -25,6 +25,17 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture
+def one_cpu_thread():
+    """torch on one CPU thread for the test, restored after: pytest-xdist already runs a worker
+    per core, and small reference ops were 10-50x slower with torch's default thread count (the
+    interpreter's cost is Python overhead, which threads do not help)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     # Workers (pytest-xdist) inherit this and append their ratios; the controller sums them up.
     # A controller always starts its own log: a pytest run inside a test (the GPU suite's test)

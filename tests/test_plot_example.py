@@ -33,13 +33,6 @@ def example():
         sys.modules.pop(spec.name, None)
 
 
-@pytest.fixture
-def one_thread():
-    """Long CPU tests run on one thread (pytest-xdist already puts a worker on each core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_png(path: Path, min_bytes: int = 2000) -> tuple[int, int]:
@@ -153,13 +146,13 @@ def test_example_runs_end_to_end(example, tmp_path, capsys):
         assert expected in printed
 
 
-def test_example_training_is_reproducible(example, one_thread):
+def test_example_training_is_reproducible(example, one_cpu_thread):
     _, loss_a = example.train(steps=3, seed=7)
     _, loss_b = example.train(steps=3, seed=7)
     assert loss_a == loss_b
 
 
-def test_trained_model_cross_attention_is_the_anti_diagonal(example, one_thread):
+def test_trained_model_cross_attention_is_the_anti_diagonal(example, one_cpu_thread):
     """With the example's default training the model reverses held-out sequences, and its decoder
     cross-attention, read by attention_probs from the kernel's lse, puts most of each output row's
     mass on the source position that row copies. attention_probs equals the model's own softmax

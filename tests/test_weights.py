@@ -29,15 +29,7 @@ from tests.helpers import assert_close_to_reference
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """The references' small CPU ops are dominated by thread hand-offs when pytest-xdist already
-    runs one worker per core; the interpreter's cost is Python overhead, which threads do not
-    help. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 # --------------------------------------------------------------------------------------------
