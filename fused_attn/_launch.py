@@ -340,11 +340,11 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, variant: Variant
     """(lse, entropy, max_prob) float32 (B, Hq, Sq) and received float32 (B, Hq, Sk), O(S) memory."""
     batch, heads_q, seq_q, _ = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
-    lse = torch.full((batch, heads_q, seq_q), -math.inf, dtype=torch.float32, device=q.device)
-    entropy, max_prob = torch.zeros_like(lse), torch.zeros_like(lse)
-    received = torch.zeros((batch, heads_q, seq_k), dtype=torch.float32, device=q.device)
-    if batch * heads_q * seq_q == 0 or seq_k == 0:
-        return lse, entropy, max_prob, received
+    lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    entropy, max_prob = torch.empty_like(lse), torch.empty_like(lse)
+    received = torch.empty((batch, heads_q, seq_k), dtype=torch.float32, device=q.device)
+    if batch * heads_q * seq_q == 0 or seq_k == 0:  # no query or no key: nothing attends
+        return lse.fill_(-math.inf), entropy.zero_(), max_prob.zero_(), received.zero_()
     q, k = _aligned(q), _aligned(k)
     head_dim = q.shape[3]
     cfg = _select_configs(q, head_dim, head_dim)
