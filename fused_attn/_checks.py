@@ -11,6 +11,11 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
+# A window side this large cannot exclude a key (no sequence is that long); larger ones are
+# clamped to it so every side fits the ops' int64 and the reference's arithmetic.
+MAX_WINDOW = 2**62
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
@@ -55,6 +60,9 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if abs(scale) * math.log2(math.e) > FLOAT32_MAX:  # the kernels take scale * log2(e) in float32
+        raise ValueError(f"scale must be at most {FLOAT32_MAX / math.log2(math.e):.3g} in magnitude (float32 "
+                         f"after the base-2 conversion), got {scale}")
     return float(scale)
 
 
@@ -101,6 +109,7 @@ def check_window(window: tuple[int, int] | None, causal: bool) -> tuple[int, int
         left, right = window
         if left < -1 or right < -1:
             raise ValueError(f"window sizes must be >= 0, or -1 for unbounded, got {tuple(window)}")
+        left, right = min(left, MAX_WINDOW), min(right, MAX_WINDOW)
     if causal:
         if right > 0:
             raise ValueError(f"window={tuple(window)} lets queries see {right} keys past the diagonal, but causal=True "  # type: ignore[arg-type]
@@ -117,10 +126,20 @@ def _check_float(name: str, value: object) -> float:
     return float(value)
 
 
-def check_softcap(softcap: float) -> float:
+def check_softcap(softcap: float, scale: float | None = None) -> float:
+    """softcap >= 0 (0 is off). The kernels compute with scale / softcap and softcap * log2(e) in
+    float32: both must be normal float32 numbers (not overflowing to inf, not flushed to 0), which
+    holds for every softcap between about 1e-37 and 1e37 at usual scales."""
     softcap = _check_float("softcap", softcap)
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0 turns it off), got {softcap}")
+    if softcap > 0:
+        factors = [softcap * math.log2(math.e)]
+        if scale is not None and scale != 0:
+            factors.append(abs(scale) / softcap)
+        if not all(FLOAT32_TINY <= factor <= FLOAT32_MAX for factor in factors):
+            raise ValueError(f"softcap={softcap!r} with scale={scale!r} is out of float32 range: scale / softcap "
+                             "and softcap * log2(e) must lie between 1.2e-38 and 3.4e38")
     return softcap
 
 

@@ -3,8 +3,8 @@
 `fused_attn::attention_forward` and `fused_attn::attention_backward` have fake (meta)
 implementations, so torch.compile and torch.export trace through them without a graph break,
 and the forward has an autograd formula (torch builds the autograd.Function from it) that saves
-q, k, v, o and lse, O(S) memory, and calls the backward op. Dropout saves only its seed: the
-backward regenerates the mask.
+q, k, v, o and lse, O(S) memory, and calls the backward op with the gradients of o and of the lse
+(both outputs are differentiable). Dropout saves only its seed: the backward regenerates the mask.
 
 Output layouts are part of an op's contract (a fake tensor must have the real one's strides):
 o, dq, dk, dv are allocated like `_launch._empty_like_layout` of the matching input, so a
@@ -93,14 +93,15 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
                           cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float,
                           window_left: int, window_right: int, softcap: float, dropout_p: float,
-                          max_seqlen_q: int, max_seqlen_k: int, bias_grad: bool
+                          max_seqlen_q: int, max_seqlen_k: int, bias_grad: bool, dlse: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv with the shapes and dtypes of q, k, v, and the float32 score gradient
-    (B, Hq, Sq, Sk) when `bias_grad` (an empty tensor otherwise). Deterministic: no atomics."""
+    (B, Hq, Sq, Sk) when `bias_grad` (an empty tensor otherwise), for the gradient `do` of o and,
+    when given, `dlse` of lse (lse's shape). Deterministic: no atomics."""
     variant = _variant(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left,
                        window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dbias = attention_backward(_as_4d(do), _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse,
-                                           variant, bias_grad)
+                                           variant, bias_grad, dlse)
     if dbias is None:
         dbias = q.new_empty((0,), dtype=torch.float32)
     return (_in_layout_of(q, _from_4d(q, dq)), _in_layout_of(k, _from_4d(k, dk)), _in_layout_of(v, _from_4d(v, dv)),
@@ -112,7 +113,8 @@ def _(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: to
       lse: torch.Tensor, bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None,
       scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int,
-      max_seqlen_k: int, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+      max_seqlen_k: int, bias_grad: bool, dlse: torch.Tensor | None = None
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.dim() == 3:
         grads = tuple(t.new_empty(t.shape) for t in (q, k, v))
         return (*grads, q.new_empty((0,), dtype=torch.float32))  # type: ignore[return-value]
@@ -130,14 +132,18 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed)
     ctx.settings = inputs[_TENSOR_INPUTS:]  # scale, window_left, window_right, softcap, dropout_p, max_seqlen_q/k
-    ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+def _backward(ctx: Any, do: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of q, k, v (and a float mask) from those of o and of lse: the lse is
+    differentiable (d lse / d score = p), which attention sinks and merging partial results over
+    key blocks need."""
     q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
+    if do is None:  # only the lse was used
+        do = torch.zeros_like(o)
     dq, dk, dv, dbias = attention_backward_op(do, q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                                              dropout_seed, *ctx.settings, bias_grad)
+                                              dropout_seed, *ctx.settings, bias_grad, dlse)
     no_grads = (None,) * (_TENSOR_INPUTS - 4 + len(ctx.settings))
     return (dq, dk, dv, dbias.to(bias.dtype) if bias_grad else None, *no_grads)
 

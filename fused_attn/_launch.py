@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import triton
 from triton.runtime.jit import JITFunction
 
 from fused_attn.kernels import attention as _kernels
-from fused_attn.kernels.configs import INTERPRETER_CONFIGS, AttentionConfigs, lookup, preprocess_block_m
+from fused_attn.kernels.configs import (INTERPRETER_CONFIGS, AttentionConfigs, KernelConfig, lookup,
+                                        preprocess_block_m)
 
 _MAX_GRID = 2**31 - 1
 _config_override: contextvars.ContextVar[AttentionConfigs | None] = contextvars.ContextVar(
     "fused_attn_config_override", default=None)
+# The Triton interpreter patches triton.language module-wide while a kernel runs, so two threads
+# interpreting at once corrupt each other's launch (InterpreterError). Compiled launches need no lock.
+_INTERPRETER_LOCK = threading.RLock()
+_Launcher = TypeVar("_Launcher", bound=Callable)
 
 
 def interpreting() -> bool:
@@ -27,9 +34,43 @@ def interpreting() -> bool:
     return not isinstance(_kernels._attn_fwd, JITFunction)
 
 
+def _serialized_when_interpreting(launcher: _Launcher) -> _Launcher:
+    """Run `launcher` under a process-wide lock when the kernels are interpreted."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        if not interpreting():
+            return launcher(*args, **kwargs)
+        with _INTERPRETER_LOCK:
+            return launcher(*args, **kwargs)
+    return run  # type: ignore[return-value]
+
+
+def _check_kernel_config(name: str, config: object) -> None:
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"configs.{name} must be a fused_attn.KernelConfig, got {type(config).__name__}")
+    for field_name in ("block_m", "block_n", "num_warps", "num_stages"):
+        value = getattr(config, field_name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"configs.{name}.{field_name} must be an int, got {type(value).__name__}")
+    for field_name in ("block_m", "block_n"):  # tl.dot needs 16, tl.arange a power of two
+        value = getattr(config, field_name)
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"configs.{name}.{field_name} must be a power of two >= 16, got {value}")
+    if config.num_warps < 1 or config.num_warps & (config.num_warps - 1):
+        raise ValueError(f"configs.{name}.num_warps must be a power of two >= 1, got {config.num_warps}")
+    if config.num_stages < 1:
+        raise ValueError(f"configs.{name}.num_stages must be >= 1, got {config.num_stages}")
+
+
 @contextlib.contextmanager
 def override_configs(configs: AttentionConfigs) -> Iterator[None]:
-    """Launch every kernel inside the block with `configs` instead of the table's choice."""
+    """Launch every kernel inside the block with `configs` instead of the table's choice.
+    Each KernelConfig needs blocks that are powers of two >= 16, a power-of-two warp count and at
+    least one stage; anything else raises a ValueError or TypeError here, before any launch."""
+    if not isinstance(configs, AttentionConfigs):
+        raise TypeError(f"configs must be a fused_attn.AttentionConfigs, got {type(configs).__name__}")
+    for name in ("forward", "backward_dkdv", "backward_dq"):
+        _check_kernel_config(name, getattr(configs, name))
     token = _config_override.set(configs)
     try:
         yield
@@ -181,10 +222,11 @@ def _variant_args(variant: Variant, q: torch.Tensor, stride_lse: tuple[int, int]
     window_left = _window_bound(variant.window_left, seq_q, seq_k)
     window_right = _window_bound(variant.window_right, seq_q, seq_k)
     bias_args, bias_kind = _bias_args(variant.bias, q)
-    slopes = variant.alibi_slopes
+    # The kernels read slopes and boundaries through raw pointers as dense arrays: make them so.
+    slopes = None if variant.alibi_slopes is None else variant.alibi_slopes.contiguous()
     alibi_args = (q, 0) if slopes is None else (slopes, slopes.stride(0) if slopes.dim() == 2 else 0)
-    cu_q = variant.cu_seqlens_q if variant.is_varlen else q
-    cu_k = variant.cu_seqlens_k if variant.is_varlen else q
+    cu_q = variant.cu_seqlens_q.contiguous() if variant.is_varlen else q
+    cu_k = variant.cu_seqlens_k.contiguous() if variant.is_varlen else q
     softcap = variant.softcap
     args = (*stride_lse, *bias_args, *alibi_args, cu_q, cu_k)
     tail = (window_left, window_right,
@@ -209,6 +251,7 @@ def _lse_strides(q: torch.Tensor, variant: Variant) -> tuple[int, int]:
     return (0, seq_q) if variant.is_varlen else (heads_q * seq_q, seq_q)
 
 
+@_serialized_when_interpreting
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32, natural log.
@@ -240,12 +283,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
     return o[..., :head_dim_v_out], lse
 
 
+@_serialized_when_interpreting
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       o: torch.Tensor, lse: torch.Tensor, variant: Variant, bias_grad: bool = False
+                       o: torch.Tensor, lse: torch.Tensor, variant: Variant, bias_grad: bool = False,
+                       dlse: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dq, dk, dv with the shapes, dtypes and layouts of q, k, v, and with `bias_grad` the float32
     gradient of the scores, (B, Hq, Sq, Sk) (the bias's gradient before broadcasting is undone).
-    Deterministic: no atomics."""
+    `dlse`, the gradient of the lse (lse's shape), when the caller used the lse. Deterministic:
+    no atomics."""
     _, heads_q, seq_q, head_dim_out = q.shape
     heads_kv, seq_k, head_dim_v_out = k.shape[1], k.shape[2], v.shape[3]
     batch, max_q, max_k = _problem(q, k, variant)
@@ -265,11 +311,14 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     qk_scale_log2 = variant.scale * math.log2(math.e)
 
     # delta and lse_log2 have lse's layout: (B, Hq, Sq), or (Hq, total_q) for packed input (then q.shape[0] is 1).
+    lse = lse.contiguous()
     delta, lse_log2 = torch.empty_like(lse), torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
     pre_block = preprocess_block_m(block_dv, q.element_size())
     _kernels._attn_bwd_preprocess[_grid(triton.cdiv(seq_q, pre_block) * q.shape[0] * heads_q)](
-        o, do, lse, delta, lse_log2, *_strides3(o), *_strides3(do), heads_q, seq_q, head_dim_v,
-        BLOCK_M=pre_block, BLOCK_DV=block_dv,
+        o, do, lse, dlse if dlse is not None else lse, delta, lse_log2, *_strides3(o), *_strides3(do),
+        heads_q, seq_q, head_dim_v, BLOCK_M=pre_block, BLOCK_DV=block_dv, HAS_DLSE=dlse is not None,
     )
 
     (args, tail), variant_flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
@@ -298,6 +347,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out], dbias
 
 
+@_serialized_when_interpreting
 def dropout_mask(batch: int, heads: int, seq_q: int, seq_k: int, dropout_p: float, seed: int,
                  device: torch.device) -> torch.Tensor:
     """Bool (batch, heads, seq_q, seq_k): True where the kernels keep a probability."""
@@ -311,6 +361,7 @@ def dropout_mask(batch: int, heads: int, seq_q: int, seq_k: int, dropout_p: floa
     return mask.bool()
 
 
+@_serialized_when_interpreting
 def attention_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor,
                     variant: Variant) -> torch.Tensor:
     """float32 (B, len(heads), len(rows), Sk): exp(score - lse) of the chosen query rows and heads.
@@ -335,6 +386,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: t
     return probs
 
 
+@_serialized_when_interpreting
 def attention_stats(q: torch.Tensor, k: torch.Tensor, variant: Variant
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse, entropy, max_prob) float32 (B, Hq, Sq) and received float32 (B, Hq, Sk), O(S) memory."""

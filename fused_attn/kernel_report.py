@@ -66,7 +66,7 @@ _KERNEL_FUNCTIONS = {"fwd": "_attn_fwd", "preprocess": "_attn_bwd_preprocess",
                      "probs": "_attn_probs", "row_stats": "_attn_row_stats", "col_sums": "_attn_col_sums"}
 DTYPES_BY_ELEMENT_SIZE: dict[int, tuple[str, ...]] = {2: ("fp16", "bf16"), 4: ("fp32",)}
 _ELEMENT_SIZES = {dtype: size for size, dtypes in DTYPES_BY_ELEMENT_SIZE.items() for dtype in dtypes}
-_POINTER_ARGS_FP32 = ("LSE", "LSE_LOG2", "DELTA", "DBIAS", "ALIBI", "P", "ENTROPY", "MAX_PROB", "RECEIVED")  # always float32, whatever q's dtype
+_POINTER_ARGS_FP32 = ("LSE", "DLSE", "LSE_LOG2", "DELTA", "DBIAS", "ALIBI", "P", "ENTROPY", "MAX_PROB", "RECEIVED")  # always float32, whatever q's dtype
 _POINTER_ARGS_INT32 = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "ROWS", "HEADS")
 _FLOAT_ARGS = ("qk_scale_log2", "scale", "softcap_in", "softcap_out_log2", "dropout_p")
 _INT64_ARGS = ("dropout_seed",)

@@ -41,7 +41,7 @@ def _variant(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None
     slopes = check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1], q.device)
     check_device(q)
     return _launch.Variant(scale=scale, window_left=window_left, window_right=window_right,
-                           softcap=check_softcap(softcap), bias=bias, alibi_slopes=slopes)
+                           softcap=check_softcap(softcap, scale), bias=bias, alibi_slopes=slopes)
 
 
 def _indices(name: str, value: torch.Tensor | Sequence[int] | range | None, size: int, device: torch.device
