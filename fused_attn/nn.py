@@ -37,8 +37,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     weights, which the kernels never form), no ``add_bias_kv`` or ``add_zero_attn``, and tensors
     the kernels run on (CUDA, or CPU under TRITON_INTERPRET=1; float16/bfloat16/float32; head dim
     <= 256). Any other call runs torch's implementation with the same arguments, after a one-time
-    warning that names the reason. One deliberate difference: a query that the masks leave without
-    any key gets zeros, not torch's NaN.
+    warning that names the reason. A query that the masks leave without any key gets zeros, as
+    in torch 2.13 (older torch releases gave NaN).
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -10,9 +10,10 @@ after re-seeding returns the seed a call used: `fused_attn.dropout_mask` then gi
 the shape the kernels see, leading dimensions flattened into the batch ((N, ..., Hq, L, S) ->
 (N * ..., Hq, L, S); 3-D inputs have one head).
 
-One deliberate difference: a row that the mask leaves without any key returns zeros, where
-torch's math backend returns NaN. Calls the kernels cannot take (fewer than 3 dimensions, another
-dtype or device, a head dim over 256, dropout_p = 1) run torch's function after a one-time warning.
+A row that the mask leaves without any key returns zeros, as torch 2.13's math backend does (older
+torch releases returned NaN there); NaN and infinite scores propagate as in torch. Calls the kernels
+cannot take (fewer than 3 dimensions, another dtype or device, a head dim of q, k or v over 256,
+dropout_p = 1) run torch's function after a one-time warning.
 """
 from __future__ import annotations
 
@@ -27,14 +28,14 @@ from fused_attn.api import attention
 _WARNED: set[str] = set()
 
 
-def _fallback_reason(query: torch.Tensor, key: torch.Tensor, dropout_p: float) -> str | None:
+def _fallback_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float) -> str | None:
     if dropout_p == 1.0:  # torch returns zeros; the kernels' 1 / (1 - p) scaling takes p < 1
         return "dropout_p=1"
     if query.dim() < 3:
         return f"{query.dim()}-D inputs"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {query.dtype}"
-    if max(query.shape[-1], key.shape[-1]) > 256:
+    if max(query.shape[-1], key.shape[-1], value.shape[-1]) > 256:
         return "a head dim over 256"
     if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
         return f"{query.device.type} tensors (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
@@ -59,7 +60,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                          "for grouped-query attention (as torch requires)")
     if is_causal and attn_mask is not None:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as torch requires)")
-    reason = _fallback_reason(query, key, dropout_p)
+    reason = _fallback_reason(query, key, value, dropout_p)
     if reason is not None:
         if reason not in _WARNED:
             _WARNED.add(reason)
