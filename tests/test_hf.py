@@ -1,7 +1,10 @@
 """Hugging Face transformers with attn_implementation="fused_attn": tiny models built from configs
 with random weights (nothing downloaded), against the same weights under "eager" (or, for
 dropout, the reference given the kernels' masks): Llama, BERT, BART, Gemma 2 (softcap, sliding
-window), Mistral (sliding window), KV caches dynamic and static, packed sequences."""
+window), Mistral (sliding window), KV caches dynamic and static, packed sequences; and one test
+per way a call could otherwise go wrong: attention sinks, position biases, top-k indices, keyword
+arguments the kernels do not apply, masks with packed sequences, models that compute attention
+themselves, weights with dropout or sinks. tests/test_hf_models.py runs 50 architectures."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +20,7 @@ from fused_attn import reference  # noqa: E402
 from tests.helpers import reference_with_kernels_dropout  # noqa: E402
 
 fused_attn.hf.register()
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture
@@ -144,27 +148,59 @@ def test_llama_batched_generate_with_left_padding(device: str, kernel_calls: lis
     assert len(kernel_calls) == 2 * 6
 
 
-def test_unsupported_features_fall_back_with_a_warning(device: str, kernel_calls: list[dict]) -> None:
+def test_weights_with_training_dropout_run_the_models_eager_attention(device: str, kernel_calls: list[dict]) -> None:
+    """Attention weights requested while training with dropout: eager returns the dropped weights,
+    so the call runs the model's own eager function (warned), which returns them: the same
+    weights and logits as the eager model under the same seed."""
     fused, eager, _ = _twins(transformers.LlamaForCausalLM, _llama_config(), device)
     ids = torch.randint(0, 97, (1, 7), device=device)
     fused_attn.hf._WARNED.clear()
-    fused.train()  # attention dropout while training: eager would return dropped weights
-    fused.config.attention_dropout = eager.config.attention_dropout = 0.1
-    for layer in fused.model.layers:
-        layer.self_attn.attention_dropout = 0.1
-    with pytest.warns(UserWarning, match="output_attentions=True with attention dropout"):
-        fused(ids, output_attentions=True)  # transformers' SDPA path: no weights, as it warns itself
+    for model in (fused, eager):
+        model.train()
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+    torch.manual_seed(3)
+    with pytest.warns(UserWarning, match="attention weights requested with attention dropout"):
+        mine = fused(ids, output_attentions=True)
+    torch.manual_seed(3)
+    theirs = eager(ids, output_attentions=True)
     assert kernel_calls == []
-    # An additive position bias (T5's), handed to the attention function as transformers does.
+    assert len(mine.attentions) == len(theirs.attentions) == 2
+    for m, t in zip(mine.attentions, theirs.attentions):
+        torch.testing.assert_close(m, t, rtol=0, atol=0)
+    torch.testing.assert_close(mine.logits, theirs.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mask", ["none-causal", "padding", "cross"])
+def test_position_bias_runs_in_the_kernels(mask: str, device: str, kernel_calls: list[dict]) -> None:
+    """An additive position bias (T5's `position_bias`, with its gradient) is a float mask for the
+    kernels, added to the scaled scores before the builder's mask, as eager adds it: no fallback."""
+    from transformers.models.t5.modeling_t5 import eager_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    seq_k = 9 if mask == "cross" else 7
+    q = torch.randn(2, 2, 7, 16, generator=gen).to(device).requires_grad_()
+    k, v = (torch.randn(2, 2, seq_k, 16, generator=gen).to(device).requires_grad_() for _ in range(2))
+    bias = torch.randn(1, 2, 7, seq_k, generator=gen).to(device).requires_grad_()
     module = torch.nn.Module()
-    module.is_causal = False
-    q, k, v = (torch.randn(1, 2, 5, 16, device=device) for _ in range(3))
-    bias = torch.randn(1, 2, 5, 5, device=device)
-    with pytest.warns(UserWarning, match="additive attention bias"):
-        out, _ = fused_attn.hf.fused_attn_forward(module, q, k, v, None, scaling=1.0, position_bias=bias)
-    expected = reference.attention(q, k, v, scale=1.0, attn_mask=bias).transpose(1, 2)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert kernel_calls == []
+    module.is_causal = mask == "none-causal"
+    visible = torch.ones(2, 1, 7, seq_k, dtype=torch.bool, device=device)
+    if mask == "none-causal":
+        visible = visible.tril()
+    else:
+        visible[1, :, :, 5:] = False  # the second row's keys past 5 are padding
+    given = None if mask == "none-causal" else visible
+    additive = torch.where(visible, 0.0, torch.finfo(torch.float32).min)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mine, _ = fused_attn.hf.fused_attn_forward(module, q, k, v, given, scaling=1.0, position_bias=bias)
+    theirs, _ = eager_attention_forward(module, q, k, v, additive, scaling=1.0, position_bias=bias)
+    assert len(kernel_calls) == 1 and kernel_calls[0]["mask"]
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    probe = torch.randn(mine.shape, generator=gen).to(device)
+    grads = [torch.autograd.grad((out * probe).sum(), (q, k, v, bias)) for out in (mine, theirs)]
+    for name, g_mine, g_theirs in zip("qkvb", *grads):
+        torch.testing.assert_close(g_mine, g_theirs, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_attention_dropout_while_training_runs_in_the_kernels(device: str, kernel_calls: list[dict],
@@ -393,3 +429,309 @@ def test_output_attentions_returns_eagers_weights(model: str, device: str, kerne
         assert m.shape == t.shape and m.dtype == t.dtype
         _assert_rule(f"layer {layer} weights", m, t, g, 2)
         torch.testing.assert_close(m.sum(-1), torch.ones_like(m.sum(-1)), rtol=0, atol=1e-5)
+
+
+def _module(heads_q: int, heads_kv: int, causal: bool, sinks: torch.Tensor | None = None) -> torch.nn.Module:
+    """What transformers' eager attention functions read from their module."""
+    module = torch.nn.Module()
+    module.is_causal = causal
+    module.num_key_value_groups = heads_q // heads_kv
+    if sinks is not None:
+        module.sinks = torch.nn.Parameter(sinks)
+    return module
+
+
+def _additive(visible: torch.Tensor) -> torch.Tensor:
+    """transformers' eager mask: 0 where a key is seen, float32's minimum elsewhere."""
+    return torch.where(visible, 0.0, torch.finfo(torch.float32).min)
+
+
+def _block_causal(lengths: list[int], device: str) -> torch.Tensor:
+    """bool (1, 1, T, T): causal within each packed sequence, nothing across."""
+    total = sum(lengths)
+    visible = torch.zeros(total, total, dtype=torch.bool, device=device)
+    start = 0
+    for length in lengths:
+        visible[start:start + length, start:start + length] = torch.ones(length, length, dtype=torch.bool).tril()
+        start += length
+    return visible[None, None]
+
+
+@pytest.mark.parametrize("case", ["causal", "padding", "decode", "packed"])
+def test_attention_sinks_equal_gpt_oss_eager(case: str, device: str, kernel_calls: list[dict]) -> None:
+    """s_aux (one logit per query head) runs on the kernels as o * sigmoid(lse - sink): output and
+    the gradients of q, k, v and the sinks equal GPT-OSS's eager attention (which concatenates the
+    sink column to the scores), with no mask, a padding mask, one query decoding, and packed
+    sequences. Before, the call went to transformers' SDPA path, which drops s_aux."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    batch, seq_q = (1, 9) if case == "packed" else (2, 1 if case == "decode" else 9)
+    q = torch.randn(batch, 4, seq_q, 16, generator=gen).to(device).requires_grad_()
+    k, v = (torch.randn(batch, 2, 9, 16, generator=gen).to(device).requires_grad_() for _ in range(2))
+    module = _module(4, 2, causal=True, sinks=(2.0 + torch.randn(4, generator=gen)).to(device))
+    extra = {}
+    visible = torch.ones(batch, 1, seq_q, 9, dtype=torch.bool, device=device).tril(9 - seq_q)
+    given = None
+    if case == "padding":
+        visible[1, :, :, 7:] = False
+        given = visible
+    elif case == "packed":
+        visible = _block_causal([4, 5], device)
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 5, "max_length_k": 5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mine, weights = fused_attn.hf.fused_attn_forward(module, q, k, v, given, scaling=0.25, s_aux=module.sinks,
+                                                         **extra)
+    theirs, _ = eager_attention_forward(module, q, k, v, _additive(visible), scaling=0.25)
+    assert weights is None and len(kernel_calls) == 1 and kernel_calls[0]["varlen"] == (case == "packed")
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    probe = torch.randn(mine.shape, generator=gen).to(device)
+    inputs = (q, k, v, module.sinks)
+    grads = [torch.autograd.grad((out * probe).sum(), inputs) for out in (mine, theirs)]
+    for name, g_mine, g_theirs in zip(("q", "k", "v", "sinks"), *grads):
+        torch.testing.assert_close(g_mine, g_theirs, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_attention_sinks_with_dropout_are_exact(device: str) -> None:
+    """Eager drops the sink column before dropout, so the sink scale commutes with it: the output
+    is the kernels' dropped output times sigmoid(lse - sink), here against the reference given the
+    kernels' dropout mask."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 11, 16, generator=gen).to(device) for _ in range(3))
+    sinks = (2.0 + torch.randn(2, generator=gen)).to(device)
+    module = _module(2, 2, causal=True)
+    torch.manual_seed(4)
+    mine, _ = fused_attn.hf.fused_attn_forward(module, q, k, v, None, dropout=0.3, scaling=0.25, s_aux=sinks)
+    torch.manual_seed(4)
+    dropped = reference_with_kernels_dropout(q, k, v, causal=True, scale=0.25, dropout_p=0.3)
+    _, lse = reference.attention(q, k, v, causal=True, scale=0.25, return_lse=True)
+    expected = dropped * torch.sigmoid(lse - sinks[:, None]).unsqueeze(-1)
+    torch.testing.assert_close(mine, expected.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_sinks_with_weights_run_the_models_eager_attention(device: str, kernel_calls: list[dict]) -> None:
+    """Models disagree on which weights they return with sinks (GPT-OSS the sink-scaled ones,
+    Granite-SWA the plain softmax), so weights with sinks run the model's own eager function."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention, eager_attention_forward
+
+    config = transformers.GptOssConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       num_hidden_layers=1, layer_types=["full_attention"])
+    module = GptOssAttention(config, 0).to(device)
+    torch.nn.init.normal_(module.sinks, 2.0, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 16, generator=gen).to(device)
+    k, v = (torch.randn(1, 2, 6, 16, generator=gen).to(device) for _ in range(2))
+    fused_attn.hf._WARNED.clear()
+    with pytest.warns(UserWarning, match="attention weights requested with attention sinks"):
+        mine = fused_attn.hf.fused_attn_forward(module, q, k, v, None, scaling=0.25, s_aux=module.sinks,
+                                                output_attentions=True)
+    causal = _additive(torch.ones(6, 6, dtype=torch.bool, device=device).tril())
+    theirs = eager_attention_forward(module, q, k, v, causal, scaling=0.25)
+    assert kernel_calls == []
+    for m, t in zip(mine, theirs):
+        torch.testing.assert_close(m, t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mask", ["builder", "none"])
+def test_topk_indices_keep_only_the_selected_keys(mask: str, device: str, kernel_calls: list[dict]) -> None:
+    """`indices` (B, Sq, k) key positions, as DeepSeek-V3.2 and GLM-MoE-DSA pass them outside eager
+    and SDPA, are folded into the mask exactly as these models fold them for eager: the kernels
+    attend to the selected keys only. Before, every key was attended."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 10, 16, generator=gen).to(device) for _ in range(3))
+    causal = torch.ones(2, 1, 10, 10, dtype=torch.bool, device=device).tril()
+    # Four keys per query among those it sees (repeats allowed), as the models' indexers pick them.
+    row = torch.arange(10)[None, :, None]
+    indices = (torch.rand(2, 10, 4, generator=gen) * (row + 1)).long().to(device)
+    selected = torch.zeros(2, 10, 10, dtype=torch.bool, device=device).scatter(-1, indices, True)[:, None]
+    module = _module(2, 2, causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mine, _ = fused_attn.hf.fused_attn_forward(module, q, k, v, causal if mask == "builder" else None,
+                                                   scaling=0.25, indices=indices.int())
+    expected = reference.attention(q, k, v, scale=0.25, attn_mask=causal & selected).transpose(1, 2)
+    assert len(kernel_calls) == 1 and kernel_calls[0]["mask"]
+    torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-5)
+    assert (reference.attention(q, k, v, scale=0.25, attn_mask=causal).transpose(1, 2) - mine).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", sorted(fused_attn.hf.IGNORED_KWARGS))
+def test_keyword_arguments_that_change_nothing_run_on_the_kernels(name: str, device: str,
+                                                                   kernel_calls: list[dict]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=gen).to(device) for _ in range(3))
+    module = _module(2, 2, causal=True)
+    plain, _ = fused_attn.hf.fused_attn_forward(module, q, k, v, None, scaling=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        given, _ = fused_attn.hf.fused_attn_forward(module, q, k, v, None, scaling=0.25,
+                                                    **{name: torch.arange(5, device=device)})
+    assert len(kernel_calls) == 2
+    torch.testing.assert_close(given, plain, rtol=0, atol=0)
+
+
+def test_keyword_arguments_eager_applies_run_the_models_eager_attention(device: str,
+                                                                       kernel_calls: list[dict]) -> None:
+    """Inkling2's per-token sinks (`sinks`, (B, H, Sq, 1)): not a kernel feature, but its eager
+    function applies it, so the call runs that function (warned once) and gives its result."""
+    from transformers.models.inkling2.modeling_inkling2 import Inkling2SlidingAttention, eager_attention_forward
+
+    config = transformers.Inkling2TextConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                             head_dim=16, swa_num_attention_heads=2, swa_num_key_value_heads=2,
+                                             swa_head_dim=16, num_hidden_layers=1, d_rel=8)
+    module = Inkling2SlidingAttention(config, 0).to(device)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=gen).to(device) for _ in range(3))
+    sinks = torch.randn(1, 2, 6, 1, generator=gen).to(device)
+    fused_attn.hf._WARNED.clear()
+    with pytest.warns(UserWarning, match="'sinks'.*eager attention"):
+        mine, _ = fused_attn.hf.fused_attn_forward(module, q, k, v, None, scaling=0.25, sinks=sinks)
+    causal = _additive(torch.ones(6, 6, dtype=torch.bool, device=device).tril())
+    theirs, _ = eager_attention_forward(module, q, k, v, causal, scaling=0.25, sinks=sinks)
+    assert kernel_calls == []
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["block_indices", "head_mask", "a_future_argument"])
+def test_keyword_arguments_nobody_applies_raise(name: str, device: str, kernel_calls: list[dict]) -> None:
+    """A keyword argument that neither the kernels nor the model's eager function apply (MiniMax-M3's
+    `block_indices` is folded into the mask by the model only under eager and SDPA) cannot be
+    served exactly: an error naming it, never a silent drop."""
+    module = transformers.models.llama.modeling_llama.LlamaAttention(_llama_config(), 0).to(device)
+    q, k, v = (torch.randn(1, 4, 5, 16, device=device) for _ in range(3))
+    with pytest.raises(NotImplementedError, match=f"'{name}'.*attn_implementation='eager'"):
+        fused_attn.hf.fused_attn_forward(module, q, k, v, None, scaling=0.25, **{name: torch.ones(1, device=device)})
+    assert kernel_calls == []
+
+
+def test_every_keyword_argument_transformers_passes_is_classified() -> None:
+    """Each keyword argument a transformers model passes by name to its attention function is
+    either ignored (changes nothing), served by the kernels, or one of the two that fall back or
+    raise (tested above): a new one in a later transformers version fails here first."""
+    import os
+    import re
+
+    models = os.path.join(os.path.dirname(transformers.__file__), "models")
+    passed: dict[str, str] = {}
+    for folder in sorted(os.listdir(models)):
+        path = os.path.join(models, folder, f"modeling_{folder}.py")
+        if not os.path.exists(path):
+            continue
+        source = open(path, encoding="utf-8").read()
+        for call in re.finditer(r"\battention_interface\(", source):
+            depth, end = 1, call.end()
+            while depth:
+                depth += {"(": 1, ")": -1}.get(source[end], 0)
+                end += 1
+            body = source[call.end():end - 1]
+            # Keyword names at the call's own nesting level.
+            level, names = 0, []
+            for match in re.finditer(r"[()\[\]{}]|\b(\w+)\s*=(?!=)", body):
+                if match.group(1) is None:
+                    level += 1 if match.group(0) in "([{" else -1
+                elif level == 0:
+                    names.append(match.group(1))
+            for name in names:
+                passed.setdefault(name, folder)
+    contract = {"query", "key", "value", "attention_mask", "dropout", "scaling", "is_causal"}
+    known = contract | fused_attn.hf.IGNORED_KWARGS | fused_attn.hf.SERVED_KWARGS | {"sinks", "block_indices"}
+    assert len(passed) > 10
+    assert {name: folder for name, folder in passed.items() if name not in known} == {}
+
+
+@pytest.mark.parametrize("family", ["phimoe-window-in-mask", "doge-content-mask"])
+def test_packed_sequences_apply_the_mask(family: str, device: str, kernel_calls: list[dict]) -> None:
+    """Packed sequences with a mask: PhiMoE's sliding window lives only in the mask (no
+    sliding_window argument), so the window is read from the mask and runs in attention_varlen;
+    Doge's float mask depends on the content, so the packed row runs through the padded kernels
+    with it. Both give eager's logits and gradients; before, the mask was ignored."""
+    from tests.test_hf_models import reinitialise
+
+    if family.startswith("phimoe"):
+        model_class = transformers.PhimoeForCausalLM
+        config = transformers.PhimoeConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4)
+    else:
+        model_class = transformers.DogeForCausalLM
+        config = transformers.DogeConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         keep_window_size=4)
+    fused, eager, _ = _twins(model_class, config, device)
+    reinitialise(eager)
+    fused.load_state_dict(eager.state_dict())
+    fused.eval(), eager.eval()  # PhiMoE's router samples experts while training
+    sequences = [torch.randint(0, 97, (length,)) for length in (5, 9, 3)]
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    batch = collator([{"input_ids": seq.tolist()} for seq in sequences])
+    batch = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
+    results = {}
+    for name, model in (("fused", fused), ("eager", eager)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if name == "fused" else "default")
+            out = model(**batch, use_cache=False)
+        out.loss.backward()
+        results[name] = [out.logits.detach()] + [p.grad for p in model.parameters()]
+    if family.startswith("phimoe"):  # the mask's window, W - 1 = 3 keys before each query
+        assert [(c["varlen"], c["causal"], c["window"]) for c in kernel_calls] == [(True, True, (3, 0))] * 2
+    else:
+        assert [(c["varlen"], c["mask"]) for c in kernel_calls] == [(False, True)] * 2
+    for i, (mine, theirs) in enumerate(zip(results["fused"], results["eager"])):
+        scale = theirs.abs().max()
+        assert (mine - theirs).abs().max() <= (1e-4 if i == 0 else 1e-3) * scale, i
+
+
+def _own_attention_model(family: str):
+    """Tiny models whose attention layers compute attention in their own code."""
+    if family == "bloom":
+        return transformers.BloomForCausalLM, transformers.BloomConfig(vocab_size=97, hidden_size=32, n_layer=2,
+                                                                       n_head=2)
+    if family == "mpt":
+        return transformers.MptForCausalLM, transformers.MptConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2,
+                                                                   max_seq_len=64)
+    return transformers.FalconForCausalLM, transformers.FalconConfig(vocab_size=97, hidden_size=32,
+                                                                     num_hidden_layers=2, num_attention_heads=2)
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+def test_models_that_compute_attention_themselves_refuse_fused_attn(family: str, tmp_path, device: str,
+                                                                    kernel_calls: list[dict]) -> None:
+    """transformers accepts any registered name without asking whether the model calls the
+    attention interface; these models would then only get fused_attn's mask, which they misread
+    (Bloom, MPT add a bool mask as a float one) or cannot look up (Falcon). register() makes
+    _from_config and from_pretrained raise; set_attn_implementation keeps the model's own attention
+    (transformers already refuses to switch these) and its logits."""
+    model_class, config = _own_attention_model(family)
+    with pytest.raises(ValueError, match=f"{model_class.__name__} does not support attn_implementation=\"fused_attn\""):
+        model_class._from_config(copy.deepcopy(config), attn_implementation="fused_attn")
+    torch.manual_seed(0)
+    model = model_class._from_config(copy.deepcopy(config), attn_implementation="eager").to(device).eval()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="compute attention themselves"):
+        model_class.from_pretrained(tmp_path, attn_implementation="fused_attn")
+    ids = torch.randint(3, 97, (2, 9), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    before = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation("fused_attn")
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(model(ids, attention_mask=mask).logits, before)
+    assert kernel_calls == []
+
+
+def test_keys_past_the_queries_must_be_empty_static_cache_slots(device: str, kernel_calls: list[dict]) -> None:
+    """A causal call with no mask and more keys than queries is served as the prefill of an empty
+    static cache (its slots past the prompt are zeros, and no query sees them). Keys a model
+    appended itself there (DeepSeek-V4's compressed keys) are not that: an error, not a guess."""
+    module = _module(2, 2, causal=True)
+    q = torch.randn(1, 2, 4, 16, device=device)
+    k, v = (torch.cat([torch.randn(1, 2, 4, 16), torch.zeros(1, 2, 3, 16)], dim=2).to(device) for _ in range(2))
+    out, _ = fused_attn.hf.fused_attn_forward(module, q, k, v, None, scaling=0.25)
+    expected = reference.attention(q, k[:, :, :4], v[:, :, :4], causal=True, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    k[:, :, 5] = 1.0
+    with pytest.raises(NotImplementedError, match="not empty slots"):
+        fused_attn.hf.fused_attn_forward(module, q, k, v, None, scaling=0.25)
+    assert [call["seq_k"] for call in kernel_calls] == [4]
