@@ -91,13 +91,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             Note that torch's `scaled_dot_product_attention(is_causal=True)` aligns top-left;
             the two agree only when Sq == Sk.
         scale: multiplies q k^T; defaults to 1 / sqrt(D).
-        return_lse: also return the natural-log softmax denominator.
+        return_lse: also return the natural-log softmax denominator (differentiable: its gradient
+            flows back to q and k).
         attn_mask: optional, broadcastable to (B, Hq, Sq, Sk), read tile by tile inside the kernels
             (never expanded in memory). bool: True where a query may attend to a key. float: added
             to the scaled scores (-inf removes a key); it gets a gradient when it requires grad
             (that gradient is materialized at (B, Hq, Sq, Sk) float32 before being summed over
             broadcast dimensions). Combines with every other option. A row left with no key
-            returns zeros and an lse of -inf, never NaN.
+            returns zeros and an lse of -inf; NaN and infinite scores propagate as in torch.
         window: (left, right) sliding window as in FlashAttention-2, -1 for unbounded: query i
             sees key j when i + Sk - Sq - left <= j <= i + Sk - Sq + right. Key tiles outside
             the band are skipped, so the cost grows with Sq * (left + right), not Sq * Sk.

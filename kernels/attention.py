@@ -107,17 +107,15 @@ def _apply_bias(scores, bias_base, stride_bias_m, stride_bias_n, rows, cols, seq
 @triton.jit
 def _scores(s, rows, cols, seq_q, seq_k, qk_scale_log2, softcap_in, softcap_out_log2, alibi_slope_log2,
             bias_base, stride_bias_m, stride_bias_n, window_left, window_right,
-            CHECK_BOUNDS: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+            CHECK_KEYS: tl.constexpr, CHECK_ROWS: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
             BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Base-2 scores of one tile from s = q k^T (rows and cols broadcast to its shape), with -inf
-    where a key is not visible; tanh(s * scale / softcap), which the gradient needs (s itself
-    without softcap); and `visible`, True where the band, the bounds and the user's mask let the
-    row see the key, whatever its score (computed only when some check applies; otherwise every
-    key of the tile is visible and `visible` is a placeholder). A NaN or infinite score of a
-    visible key stays as it is, so it propagates as in torch. Order as in FlashAttention-2 and
-    Gemma 2: scale, softcap, then ALiBi and the user's bias, then the band. Only the checks a loop
-    needs are compiled in: CHECK_BOUNDS (row past seq_q or key past seq_k), MASK_LEFT and
-    MASK_RIGHT (the band's edges)."""
+    where a key is not visible, and tanh(s * scale / softcap), which the gradient needs (s itself
+    without softcap). A NaN or infinite score of a visible key stays as it is, so it propagates as
+    in torch. Order as in FlashAttention-2 and Gemma 2: scale, softcap, then ALiBi and the user's
+    bias, then the band. Only the checks a loop needs are compiled in: CHECK_KEYS (key past
+    seq_k), CHECK_ROWS (row past seq_q: needed only where rows are summed over, in dK/dV),
+    MASK_LEFT and MASK_RIGHT (the band's edges)."""
     if HAS_SOFTCAP:
         tanh_s = _tanh(s * softcap_in)
         qk = tanh_s * softcap_out_log2
@@ -126,39 +124,29 @@ def _scores(s, rows, cols, seq_q, seq_k, qk_scale_log2, softcap_in, softcap_out_
         qk = s * qk_scale_log2
     if HAS_ALIBI:
         qk = qk - alibi_slope_log2 * tl.abs((rows + (seq_k - seq_q) - cols).to(tl.float32))
-    if CHECK_BOUNDS or MASK_LEFT or MASK_RIGHT or BIAS_KIND != 0:
-        visible = (rows < seq_q) & (cols < seq_k)
-        if BIAS_KIND != 0:
-            qk, allowed = _apply_bias(qk, bias_base, stride_bias_m, stride_bias_n, rows, cols, seq_q, seq_k, BIAS_KIND)
-            visible = visible & allowed
-        if MASK_RIGHT:
-            visible = visible & (cols <= rows + (seq_k - seq_q + window_right))
-        if MASK_LEFT:
-            visible = visible & (cols >= rows + (seq_k - seq_q - window_left))
-        qk = tl.where(visible, qk, float("-inf"))
-    else:
-        visible = qk  # unused placeholder: every key of an unmasked tile is visible
-    return qk, tanh_s, visible
+    if BIAS_KIND != 0:
+        qk, allowed = _apply_bias(qk, bias_base, stride_bias_m, stride_bias_n, rows, cols, seq_q, seq_k, BIAS_KIND)
+        qk = tl.where(allowed, qk, float("-inf"))
+    if CHECK_KEYS:
+        qk = tl.where(cols < seq_k, qk, float("-inf"))
+    if CHECK_ROWS:
+        qk = tl.where(rows < seq_q, qk, float("-inf"))
+    if MASK_RIGHT:
+        qk = tl.where(cols <= rows + (seq_k - seq_q + window_right), qk, float("-inf"))
+    if MASK_LEFT:
+        qk = tl.where(cols >= rows + (seq_k - seq_q - window_left), qk, float("-inf"))
+    return qk, tanh_s
 
 
 @triton.jit
-def _band_has_key(rows, seq_q, seq_k, window_left, window_right, LIMIT_LEFT: tl.constexpr,
-                  LIMIT_RIGHT: tl.constexpr):
-    """True for the rows (< seq_q) whose band [i + SEQ_K - SEQ_Q - left, i + SEQ_K - SEQ_Q + right]
-    holds at least one key of [0, seq_k): decided from positions, never from the scores, so a NaN
-    score cannot make a row look empty."""
-    has_key = (rows < seq_q) & (seq_k > 0)
-    if LIMIT_RIGHT:
-        has_key = has_key & (rows + (seq_k - seq_q + window_right) >= 0)
-    if LIMIT_LEFT:
-        has_key = has_key & (rows + (seq_k - seq_q - window_left) < seq_k)
-    return has_key
-
-
-@triton.jit
-def _probs(qk, lse_log2):
+def _probs(qk, lse_log2, NAN_FROM_DELTA: tl.constexpr = False):
     """exp2(qk - lse_log2), at most 1: rounding in a float32 lse far from 0 (|scores| ~ 1e6) can put
-    a score above it, and an unclamped p would then overflow a 16-bit dot operand. NaN propagates."""
+    a score above it, and an unclamped p would then overflow. A NaN score or lse gives p = NaN;
+    with NAN_FROM_DELTA the caller only forms dS = p (dP - delta), and a NaN score or lse always
+    comes with a NaN delta (its row's o is NaN), so a cheaper clamp that maps NaN to 1 keeps dS
+    NaN there (the dQ kernel: it saves the registers that keep its fp32 tiles spill-free)."""
+    if NAN_FROM_DELTA:
+        return tl.minimum(tl.math.exp2(qk - lse_log2), 1.0)
     return tl.math.exp2(tl.minimum(qk - lse_log2, 0.0, propagate_nan=tl.PropagateNan.ALL))
 
 
@@ -225,7 +213,7 @@ def _query_range(start_n, seq_q, seq_k, window_left, window_right, BLOCK_M: tl.c
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, stride_kn, stride_vn,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                     bias_base, stride_bias_m, stride_bias_n, alibi_slope_log2,
                     offs_m, offs_n, offs_d, offs_dv, tile_start, tile_end,
                     seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2,
@@ -247,12 +235,10 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, stride_kn, stride_vn
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
-        qk, _, visible = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
-                                 softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
-                                 window_left, window_right, MASKED, MASK_LEFT, MASK_RIGHT, BIAS_KIND, HAS_ALIBI,
-                                 HAS_SOFTCAP)
-        if BIAS_KIND != 0:  # whether a row has a key depends on the mask's contents
-            seen = seen | (tl.max(visible.to(tl.int32), 1) > 0)
+        qk, _ = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
+                        softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                        window_left, window_right, MASKED, False, MASK_LEFT, MASK_RIGHT, BIAS_KIND, HAS_ALIBI,
+                        HAS_SOFTCAP)
         # tl.max skips NaN (on the GPU and in the interpreter), so m is never NaN; a NaN score still
         # makes p, l and acc NaN below. A row whose keys so far are all -inf keeps m = -inf:
         # subtract 0 so exp2 gives 0, not NaN.
@@ -273,7 +259,7 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, stride_kn, stride_vn
             p = tl.where(_dropout_keep(dropout_seed, batch, head, offs_m[:, None], cols[None, :], dropout_p), p, 0.0)
         acc = _dot(_cast(p, v.dtype, EMULATE_BF16), v, acc, EMULATE_BF16, INPUT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i, seen
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -331,44 +317,42 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    seen = offs_m < 0  # with a mask: whether some key was visible to the row (all False to start)
 
     lo, unmasked_lo, unmasked_hi, hi = _key_range(start_m, seq_q, seq_k, window_left, window_right,
                                                   BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     if LIMIT_LEFT:  # tiles crossing the band's left edge
-        acc, l_i, m_i, seen = _attn_fwd_inner(
-            acc, l_i, m_i, seen, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
             alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, lo, tl.minimum(unmasked_lo, hi), seq_q, seq_k,
             head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
             dropout_p, dropout_seed, batch, head, BLOCK_N, True, True, LIMIT_RIGHT, EVEN_D, EVEN_DV,
             BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
-    acc, l_i, m_i, seen = _attn_fwd_inner(
-        acc, l_i, m_i, seen, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
         alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, unmasked_lo, unmasked_hi, seq_q, seq_k,
         head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
         dropout_p, dropout_seed, batch, head, BLOCK_N, False, False, False, EVEN_D, EVEN_DV,
         BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
     # tiles crossing the right edge (the causal diagonal) and the ragged end of the keys
-    acc, l_i, m_i, seen = _attn_fwd_inner(
-        acc, l_i, m_i, seen, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
         alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, tl.maximum(unmasked_lo, unmasked_hi), hi, seq_q, seq_k,
         head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
         dropout_p, dropout_seed, batch, head, BLOCK_N, True, False, LIMIT_RIGHT, EVEN_D, EVEN_DV,
         BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
 
-    # A row with no visible key (decided by the band and the mask, not by l, which a NaN score
-    # makes NaN) returns 0 and an lse of -inf. Every other row divides by l as torch's softmax
-    # does: a NaN score gives NaN, a +inf one NaN with lse +inf, all-(-inf) visible scores NaN.
-    if BIAS_KIND != 0:
-        has_key = seen
-    else:
-        has_key = _band_has_key(offs_m, seq_q, seq_k, window_left, window_right, LIMIT_LEFT, LIMIT_RIGHT)
+    # A row with no visible key returns 0 and an lse of -inf. The band and the mask leave it
+    # l = 0 exactly (p = 0 everywhere), while a visible key gives l >= 1 and a NaN score makes l
+    # NaN, never 0: a NaN is not mistaken for "no key" and propagates (o and lse NaN); a +inf
+    # score gives NaN and lse +inf, as torch does. (One corner: visible keys whose scores are all
+    # exactly -inf count as no key here, where torch's softmax gives NaN.)
+    has_key = l_i != 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
-    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    out = acc / l_safe[:, None]  # 0 for a row without keys, unless 0 * (NaN or inf in v), as in torch
     if HAS_DROPOUT:
         out = out / (1.0 - dropout_p)
-    lse = tl.where(m_i == float("inf"), float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    lse = tl.where(has_key, lse, float("-inf"))
+    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
 
     tl.store(o_base + offs_tile_m[:, None] * stride_om + offs_dv[None, :], _cast(out, O.dtype.element_ty, EMULATE_BF16),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
@@ -432,8 +416,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_log2_base, delta_bas
         offs_m = start_m + offs_tile_m
         q_ptrs = q_base + tl.cast(start_m, tl.int64) * stride_qm + q_offsets
         do_ptrs = do_base + tl.cast(start_m, tl.int64) * stride_dom + do_offsets
-        # Rows past seq_q load as zeros (q, do, delta) and their scores are -inf (CHECK_BOUNDS), so
-        # their p is exactly 0 and they add nothing to dK and dV, whatever k holds.
+        # Rows past seq_q load as zeros (q, do, delta) and their scores are -inf (CHECK_ROWS), so
+        # their p is exactly 0 and they add nothing to dK and dV, whatever k holds. Keys past
+        # seq_k need no check: their rows of dK and dV are never stored, and p <= 1 cannot overflow.
         if MASKED:
             rows = offs_m < seq_q
             q = tl.load(q_ptrs, mask=rows[:, None] & (offs_d[None, :] < head_dim), other=0.0)
@@ -451,10 +436,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_log2_base, delta_bas
             lse_log2 = tl.load(lse_log2_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         s_t = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
-        qk_t, tanh_t, _ = _scores(s_t, offs_m[None, :], offs_n[:, None], seq_q, seq_k, qk_scale_log2, softcap_in,
-                                  softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
-                                  window_left, window_right, MASKED, MASK_LEFT, MASK_RIGHT, BIAS_KIND,
-                                  HAS_ALIBI, HAS_SOFTCAP)
+        qk_t, tanh_t = _scores(s_t, offs_m[None, :], offs_n[:, None], seq_q, seq_k, qk_scale_log2, softcap_in,
+                               softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                               window_left, window_right, False, MASKED, MASK_LEFT, MASK_RIGHT, BIAS_KIND,
+                               HAS_ALIBI, HAS_SOFTCAP)
         p_t = _probs(qk_t, lse_log2[None, :])
         if HAS_DROPOUT:  # o used p * keep / (1 - p_drop): so do dV and the gradient reaching p
             keep_t = _dropout_keep(dropout_seed, batch, head, offs_m[None, :], offs_n[:, None], dropout_p)
@@ -526,8 +511,6 @@ def _attn_bwd_dkdv(
 
     lo, unmasked_lo, unmasked_hi, hi = _query_range(start_n, seq_q, seq_k, window_left, window_right,
                                                     BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
-    if start_n + BLOCK_N > seq_k:  # the ragged last key tile: every query tile checks the bounds
-        unmasked_hi = unmasked_lo
     for group_member in range(0, group_size):
         head = head_kv * group_size + group_member
         q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
@@ -600,11 +583,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, st
             k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
-        qk, tanh_s, _ = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
-                                softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
-                                window_left, window_right, MASKED, MASK_LEFT, MASK_RIGHT, BIAS_KIND, HAS_ALIBI,
-                                HAS_SOFTCAP)
-        p = _probs(qk, lse_log2[:, None])
+        qk, tanh_s = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
+                             softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                             window_left, window_right, MASKED, False, MASK_LEFT, MASK_RIGHT, BIAS_KIND, HAS_ALIBI,
+                             HAS_SOFTCAP)
+        p = _probs(qk, lse_log2[:, None], NAN_FROM_DELTA=True)
         dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(dropout_seed, batch, head, offs_m[:, None], cols[None, :], dropout_p)
@@ -765,9 +748,9 @@ def _attn_probs(
         alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
     bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
-    qk, _, _ = _scores(s, rows[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in, softcap_out_log2,
-                       alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n, window_left, window_right,
-                       True, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP)
+    qk, _ = _scores(s, rows[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in, softcap_out_log2,
+                    alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n, window_left, window_right,
+                    True, False, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP)
     lse = tl.load(LSE + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + rows,
                   mask=slot_ok, other=0.0)
     lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # a row with no key: p = 0
@@ -818,7 +801,6 @@ def _attn_row_stats(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    seen = offs_m < 0  # whether some key was visible to the row
     lo, unmasked_lo, unmasked_hi, hi = _key_range(start_m, seq_q, seq_k, window_left, window_right, BLOCK_M,
                                                   BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):  # every tile masked: this is the inspection path
@@ -826,11 +808,10 @@ def _attn_row_stats(
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
-        qk, tanh_s, visible = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
-                                      softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
-                                      window_left, window_right, True, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND,
-                                      HAS_ALIBI, HAS_SOFTCAP)
-        seen = seen | (tl.max(visible.to(tl.int32), 1) > 0)
+        qk, tanh_s = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
+                             softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                             window_left, window_right, True, False, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND,
+                             HAS_ALIBI, HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_base)
@@ -840,11 +821,10 @@ def _attn_row_stats(
         b_i = alpha * (b_i + tl.where(m_i == float("-inf"), 0.0, m_base - m_i) * l_i) + tl.sum(weight * gap, 1)
         l_i = l_i * alpha + tl.sum(weight, 1)
         m_i = m_new
-    # As in the forward: "no key" comes from the band and mask (`seen`), and NaN scores propagate.
-    has_key = seen
+    has_key = l_i != 0.0  # as in the forward: 0 only without a visible key, NaN with a NaN score
     l_safe = tl.where(has_key, l_i, 1.0)
-    lse = tl.where(m_i == float("inf"), float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    lse = tl.where(has_key, lse, float("-inf"))
+    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     entropy = tl.where(has_key, (tl.math.log2(l_safe) + b_i / l_safe) * LN2, 0.0)
     max_prob = tl.where(has_key, 1.0 / l_safe, 0.0)
     row_offsets = batch_head.to(tl.int64) * seq_q + offs_m
@@ -900,10 +880,10 @@ def _attn_col_sums(
                     mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("-inf"))
         s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
-        qk_t, _, _ = _scores(s_t, offs_m[None, :], offs_n[:, None], seq_q, seq_k, qk_scale_log2, softcap_in,
-                             softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
-                             window_left, window_right, True, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI,
-                             HAS_SOFTCAP)
+        qk_t, _ = _scores(s_t, offs_m[None, :], offs_n[:, None], seq_q, seq_k, qk_scale_log2, softcap_in,
+                          softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                          window_left, window_right, True, True, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI,
+                          HAS_SOFTCAP)
         lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # rows without keys, or past seq_q
         received += tl.sum(_probs(qk_t, lse_log2[None, :]), 1)
     tl.store(RECEIVED + batch_head.to(tl.int64) * seq_k + offs_n, received, mask=offs_n < seq_k)
