@@ -202,19 +202,22 @@ def _geometry(call: _Call, seq_q: int, seq_k: int, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every (query, key) pair: whether both lie in the same sequence (packed, or the written
     keys of a static cache), and the key's offset from the query's diagonal, aligned bottom-right
-    per sequence as the kernels align it; also each sequence's key count per row."""
+    per sequence as the kernels align it; and the key count of each row's sequence."""
     written = seq_k if call.keys_written is None else call.keys_written
     if call.bounds is not None:
         cu_q, cu_k = call.bounds[0].long(), call.bounds[1].long()
     else:
         cu_q, cu_k = (torch.tensor([0, n], device=device) for n in (seq_q, written))
+    last = len(cu_q) - 2
     rows, cols = torch.arange(seq_q, device=device), torch.arange(seq_k, device=device)
-    row_seq = torch.searchsorted(cu_q[1:], rows, right=True).clamp(max=len(cu_q) - 2)
-    col_seq = torch.searchsorted(cu_k[1:], cols, right=True)  # past the last sequence for unwritten slots
-    same = row_seq[:, None] == col_seq[None, :]
+    # Sequence of each row and column; past the last boundary (unwritten slots) means none.
+    row_seq = torch.searchsorted(cu_q[1:], rows, right=True)
+    col_seq = torch.searchsorted(cu_k[1:], cols, right=True)
+    same = (row_seq[:, None] == col_seq[None, :]) & (row_seq <= last)[:, None]
+    row_seq, col_seq = row_seq.clamp(max=last), col_seq.clamp(max=last)
     keys, queries = (cu_k[1:] - cu_k[:-1])[row_seq], (cu_q[1:] - cu_q[:-1])[row_seq]
     diagonal = rows - cu_q[row_seq] + keys - queries
-    offset = (cols - cu_k[col_seq.clamp(max=len(cu_k) - 2)])[None, :] - diagonal[:, None]
+    offset = (cols - cu_k[col_seq])[None, :] - diagonal[:, None]
     return same, offset, keys
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -238,7 +238,7 @@ def _main_output(output) -> torch.Tensor:
 
 
 class KernelCalls:
-    """Counts the kernel calls the integration makes, and the fused_attn warnings it gives."""
+    """Counts the kernel calls (padded and packed) the integration makes."""
 
     def __init__(self, monkeypatch) -> None:
         self.count = 0
@@ -280,6 +280,8 @@ def _assert_close(name: str, mine: torch.Tensor, theirs: torch.Tensor, rtol: flo
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda arch: arch.name)
 def test_logits_and_gradients_equal_eagers(arch: Arch, monkeypatch) -> None:
+    """A padded batch: the output (logits or last hidden state) and the gradient of every
+    parameter under a random linear loss equal eager's."""
     fused, eager = _twins(arch)
     calls = KernelCalls(monkeypatch)
     inputs = _forward_inputs(arch, eager.config)
@@ -312,6 +314,8 @@ def _generation_inputs(arch: Arch, config) -> dict:
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("arch", [arch for arch in ARCHS if arch.generate], ids=lambda arch: arch.name)
 def test_greedy_generation_equals_eagers(arch: Arch, cache: str, monkeypatch) -> None:
+    """Three greedy tokens after a prompt of seven: eager's tokens and logits (prefill without a
+    mask, single-token steps; with a static cache, the prefill's empty slots and masked steps)."""
     fused, eager = _twins(arch)
     calls = KernelCalls(monkeypatch)
     inputs = _generation_inputs(arch, eager.config)
@@ -342,7 +346,7 @@ def test_attention_weights_equal_eagers(arch: Arch, monkeypatch) -> None:
     inputs = _forward_inputs(arch, eager.config)
     with torch.no_grad():
         theirs = eager(**inputs, output_attentions=True)
-        mine = _run_checked(Arch(arch.name, arch.model, arch.config, runs_on=WEIGHTS[arch.name]), calls,
+        mine = _run_checked(replace(arch, runs_on=WEIGHTS[arch.name]), calls,
                             lambda: fused(**inputs, output_attentions=True))
     names = [name for name in ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
              if getattr(theirs, name, None)]
