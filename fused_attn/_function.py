@@ -132,6 +132,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed)
     ctx.settings = inputs[_TENSOR_INPUTS:]  # scale, window_left, window_right, softcap, dropout_p, max_seqlen_q/k
+    # An unused lse then arrives as None, not as a tensor of zeros allocated for every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: Any, do: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
