@@ -9,16 +9,18 @@ import contextvars
 import functools
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 from triton.runtime.jit import JITFunction
 
 from fused_attn.kernels import attention as _kernels
-from fused_attn.kernels.configs import (INTERPRETER_CONFIGS, AttentionConfigs, KernelConfig, lookup,
-                                        preprocess_block_m)
+from fused_attn.kernels import configs as _configs
+from fused_attn.kernels.configs import INTERPRETER_CONFIGS, AttentionConfigs, KernelConfig, preprocess_block_m
 
 _MAX_GRID = 2**31 - 1
 _config_override: contextvars.ContextVar[AttentionConfigs | None] = contextvars.ContextVar(
@@ -84,6 +86,7 @@ def check_device(t: torch.Tensor) -> None:
         if interpreting():
             raise ValueError("q is a CUDA tensor but TRITON_INTERPRET=1 is set: the interpreter runs "
                              "CPU tensors only; unset TRITON_INTERPRET or move q, k, v to the CPU")
+        check_dtype_on_device(t)
         return
     if t.device.type == "cpu":
         if not interpreting():
@@ -95,14 +98,96 @@ def check_device(t: torch.Tensor) -> None:
                      "(or 'cpu' under TRITON_INTERPRET=1)")
 
 
-def _select_configs(q: torch.Tensor, head_dim: int, head_dim_v: int) -> AttentionConfigs:
+@functools.lru_cache(maxsize=None)
+def device_row(device_index: int) -> tuple[int, int, int]:
+    """(capability, shared memory per block in bytes, the config table's row) of a CUDA device."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    properties = torch.cuda.get_device_properties(device_index)
+    shared = getattr(properties, "shared_memory_per_block_optin", None)
+    if not shared:
+        shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    capability = major * 10 + minor
+    return capability, int(shared), _configs.table_capability(capability, int(shared))
+
+
+def check_dtype_on_device(q: torch.Tensor) -> None:
+    """bf16 needs capability 8.0: refuse it on older cards before any launch; warn once that
+    Turing (sm_75) runs without tensor cores (Triton lowers tl.dot to FMA there)."""
+    if q.device.type != "cuda" or interpreting():
+        return
+    capability, _, row = device_row(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if q.dtype == torch.bfloat16 and capability < 80:
+        raise ValueError(f"q has dtype torch.bfloat16, which a GPU of capability {capability // 10}.{capability % 10} "
+                         "cannot compute in; use torch.float16 or torch.float32 on this card")
+    if not _configs.TARGETS[row].tensor_cores:
+        _warn_once(("no tensor cores", row),
+                   f"fused_attn on capability {capability // 10}.{capability % 10} ({_configs.TARGETS[row].cards}): "
+                   "Triton lowers tl.dot to FMA instructions here, without tensor cores; the kernels are correct "
+                   "but slow (torch.nn.functional.scaled_dot_product_attention may be faster on this card)")
+
+
+_WARNED: set[object] = set()
+
+
+def _warn_once(key: object, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _variant_key(flags: dict[str, object]) -> str:
+    return _configs.variant_key(bool(flags["BIAS_KIND"]), bool(flags["HAS_DROPOUT"]))
+
+
+def _kernel_candidates(kernel: str, q: torch.Tensor, head_dim: int, head_dim_v: int, variant: str,
+                       seq_q: int, seq_k: int, run: Callable[[KernelConfig], None] | None = None
+                       ) -> tuple[KernelConfig, ...]:
+    """Tiles to launch `kernel` ("forward", "backward_dkdv", "backward_dq") with, in order: the
+    first runs; the rest are retried if a launch runs out of resources. An override_configs block
+    or the interpreter pins one; otherwise the table's vetted list for this card, reordered by
+    the user's tuning results (fused_attn.tune) when there are any."""
     override = _config_override.get()
     if override is not None:
-        return override
+        return (getattr(override, kernel),)
     if interpreting():
-        return INTERPRETER_CONFIGS
-    major, minor = torch.cuda.get_device_capability(q.device)
-    return lookup(major * 10 + minor, max(head_dim, head_dim_v), q.element_size())
+        return (getattr(INTERPRETER_CONFIGS, kernel),)
+    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    _, shared, row = device_row(device_index)
+    size = 4 if q.element_size() >= 4 else 2
+    table = _configs.candidates(row, max(head_dim, head_dim_v), size, variant, shared)[kernel]
+    from fused_attn import tune  # late: tune imports this module
+
+    key = tune.TuneKey(kernel=kernel, head_dim=_configs.head_dim_bucket(max(head_dim, head_dim_v)),
+                       dtype=tune.dtype_name(q.dtype), variant=variant,
+                       even_d=_padded(head_dim) == head_dim and _padded(head_dim_v) == head_dim_v,
+                       seq_bucket=tune.seq_bucket(max(seq_q, seq_k)))
+    return tune.choose(key, q.device, table, run)
+
+
+_OUT_OF_RESOURCES: set[tuple[object, ...]] = set()
+
+
+def _launch_tiled(kernel: str, candidates: tuple[KernelConfig, ...], q: torch.Tensor,
+                  launch: Callable[[KernelConfig], None]) -> None:
+    """Launch with the first tile that fits the card: a tile that runs out of shared memory or
+    registers here (a card the table does not know exactly) is skipped from then on, with a
+    one-time warning, and the next smaller vetted tile is tried."""
+    last_error: Exception | None = None
+    for cfg in candidates:
+        key = (q.device, kernel, q.dtype, cfg)
+        if key in _OUT_OF_RESOURCES:
+            continue
+        try:
+            launch(cfg)
+            return
+        except OutOfResources as exc:
+            _OUT_OF_RESOURCES.add(key)
+            last_error = exc
+            _warn_once(key, f"fused_attn: the {kernel} tile {cfg} needs more resources than this GPU has "
+                            f"({exc}); using the next smaller vetted tile")
+    if last_error is None:
+        raise RuntimeError(f"fused_attn: every vetted {kernel} tile ran out of resources on this GPU earlier")
+    raise last_error
 
 
 def _padded(dim: int) -> int:
@@ -268,18 +353,22 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     head_dim, head_dim_v = q.shape[3], v.shape[3]
     o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, head_dim_v), q.dtype)
-    cfg = _select_configs(q, head_dim, head_dim_v).forward
     block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
     (args, tail), flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
-    _kernels._attn_fwd[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
-        q, k, v, o, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *args,
-        heads_q, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, variant.scale * math.log2(math.e),
-        *tail,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
-    )
+
+    def launch(cfg: KernelConfig) -> None:
+        _kernels._attn_fwd[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
+            q, k, v, o, lse,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *args,
+            heads_q, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, variant.scale * math.log2(math.e),
+            *tail,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **flags, SCALE_POSITIVE=variant.scale > 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
+        )
+
+    _launch_tiled("forward", _kernel_candidates("forward", q, head_dim, head_dim_v, _variant_key(flags),
+                                                max_q, max_k, launch), q, launch)
     return o[..., :head_dim_v_out], lse
 
 
@@ -305,7 +394,6 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dq = _empty_like_layout(q, tuple(q.shape), q.dtype)
     dk = _empty_like_layout(k, tuple(k.shape), k.dtype)
     dv = _empty_like_layout(v, tuple(v.shape), v.dtype)
-    configs = _select_configs(q, head_dim, head_dim_v)
     block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
     flags = _kernel_flags(q)
     qk_scale_log2 = variant.scale * math.log2(math.e)
@@ -322,28 +410,33 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     )
 
     (args, tail), variant_flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
-    cfg = configs.backward_dkdv
-    _kernels._attn_bwd_dkdv[_grid(triton.cdiv(max_k, cfg.block_n) * batch * heads_kv)](
-        q, k, v, do, lse_log2, delta, dk, dv,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-        *args[:7], dbias if dbias is not None else lse, *args[7:],
-        heads_q, heads_kv, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, qk_scale_log2, variant.scale,
-        *tail,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, STORE_DBIAS=dbias is not None,
-        **variant_flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )
+    key = _variant_key(variant_flags)
 
-    cfg = configs.backward_dq
-    _kernels._attn_bwd_dq[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
-        q, k, v, do, lse_log2, delta, dq,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), *args,
-        heads_q, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, qk_scale_log2, variant.scale,
-        *tail,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **variant_flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )
+    def launch_dkdv(cfg: KernelConfig) -> None:
+        _kernels._attn_bwd_dkdv[_grid(triton.cdiv(max_k, cfg.block_n) * batch * heads_kv)](
+            q, k, v, do, lse_log2, delta, dk, dv,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
+            *args[:7], dbias if dbias is not None else lse, *args[7:],
+            heads_q, heads_kv, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, qk_scale_log2, variant.scale,
+            *tail,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, STORE_DBIAS=dbias is not None,
+            **variant_flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        )
+
+    def launch_dq(cfg: KernelConfig) -> None:
+        _kernels._attn_bwd_dq[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
+            q, k, v, do, lse_log2, delta, dq,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), *args,
+            heads_q, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, qk_scale_log2, variant.scale,
+            *tail,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **variant_flags,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        )
+
+    for kernel, launch in (("backward_dkdv", launch_dkdv), ("backward_dq", launch_dq)):
+        _launch_tiled(kernel, _kernel_candidates(kernel, q, head_dim, head_dim_v, key, max_q, max_k, launch), q, launch)
     return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out], dbias
 
 
@@ -399,18 +492,25 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, variant: Variant
         return lse.fill_(-math.inf), entropy.zero_(), max_prob.zero_(), received.zero_()
     q, k = _aligned(q), _aligned(k)
     head_dim = q.shape[3]
-    cfg = _select_configs(q, head_dim, head_dim)
     block_d = _padded(head_dim)
     (args, tail), flags = _variant_args(variant, q, (0, 0), seq_q, seq_k)
+    key = _variant_key(flags)
     flags = {name: flags[name] for name in ("LIMIT_LEFT", "LIMIT_RIGHT", "BIAS_KIND", "HAS_ALIBI", "HAS_SOFTCAP")}
     common = (*_strides3(q), *_strides3(k), *args[2:9], heads_q, heads_q // heads_kv, seq_q, seq_k, head_dim,
               variant.scale * math.log2(math.e), *tail[:4])
+
     # The forward's and dQ's tiles: the same score tile shapes, without v and its accumulator.
-    rows_cfg, cols_cfg = cfg.forward, cfg.backward_dq
-    _kernels._attn_row_stats[_grid(triton.cdiv(seq_q, rows_cfg.block_m) * batch * heads_q)](
-        q, k, lse, entropy, max_prob, *common, BLOCK_M=rows_cfg.block_m, BLOCK_N=rows_cfg.block_n, BLOCK_D=block_d,
-        EVEN_D=block_d == head_dim, **flags, num_warps=rows_cfg.num_warps, **_kernel_flags(q))
-    _kernels._attn_col_sums[_grid(triton.cdiv(seq_k, cols_cfg.block_n) * batch * heads_q)](
-        q, k, lse, received, *common, BLOCK_M=cols_cfg.block_m, BLOCK_N=cols_cfg.block_n, BLOCK_D=block_d,
-        EVEN_D=block_d == head_dim, **flags, num_warps=cols_cfg.num_warps, **_kernel_flags(q))
+    def launch_rows(cfg: KernelConfig) -> None:
+        _kernels._attn_row_stats[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
+            q, k, lse, entropy, max_prob, *common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            EVEN_D=block_d == head_dim, **flags, num_warps=cfg.num_warps, **_kernel_flags(q))
+
+    def launch_cols(cfg: KernelConfig) -> None:
+        _kernels._attn_col_sums[_grid(triton.cdiv(seq_k, cfg.block_n) * batch * heads_q)](
+            q, k, lse, received, *common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            EVEN_D=block_d == head_dim, **flags, num_warps=cfg.num_warps, **_kernel_flags(q))
+
+    # Table tiles only (no tuning: these kernels are not what the tuner times).
+    for kernel, launch in (("forward", launch_rows), ("backward_dq", launch_cols)):
+        _launch_tiled(kernel, _kernel_candidates(kernel, q, head_dim, head_dim, key, seq_q, seq_k), q, launch)
     return lse, entropy, max_prob, received

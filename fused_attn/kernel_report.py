@@ -52,13 +52,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fused_attn.kernels.configs import (KNOWN_SPILLS, AttentionConfigs, KernelConfig, all_configs, lookup,
+from fused_attn.kernels.configs import (CAPABILITIES, KERNELS as TABLE_KERNELS, TARGETS, VARIANTS as TABLE_VARIANTS,
+                                        AttentionConfigs, KernelConfig, all_candidates, all_configs, lookup,
                                         preprocess_block_m)
 
-SHARED_MEMORY_LIMITS: dict[int, int] = {80: 166_912, 90: 232_448}
-"""Largest shared memory one block may use, in bytes (A100: 163 KiB, H100/H200: 227 KiB)."""
+SHARED_MEMORY_LIMITS: dict[int, int] = {cap: target.shared_memory for cap, target in TARGETS.items()}
+"""Largest shared memory one block may use, in bytes, per compile target (configs.TARGETS)."""
 
 KERNELS: tuple[str, ...] = ("fwd", "preprocess", "dkdv", "dq")
+_TABLE_KERNEL = {"fwd": "forward", "dkdv": "backward_dkdv", "dq": "backward_dq"}
 _KERNEL_FUNCTIONS = {"fwd": "_attn_fwd", "preprocess": "_attn_bwd_preprocess",
                      "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq",
                      # The inspection kernels (attention_probs / attention_stats): compiled by the
@@ -73,6 +75,18 @@ _INT64_ARGS = ("dropout_seed",)
 # Strides the launcher derives from lengths or small tensors: not multiples of 16 in general.
 _UNALIGNED_STRIDES = ("stride_lse_b", "stride_lse_h", "stride_alibi_b")
 _PREPROCESS_NUM_WARPS = 4  # fused_attn/_launch.py passes none: Triton's default
+
+# Variant keys of the table (configs.VARIANTS) -> the constexprs compiled for them: the most
+# demanding call of that key (a float mask whose gradient is stored, dropout, both).
+TABLE_VARIANT_FEATURES: dict[str, tuple[str, ...]] = {
+    "plain": (), "mask": ("BIAS_KIND", "STORE_DBIAS"), "dropout": ("HAS_DROPOUT",),
+    "all": ("BIAS_KIND", "STORE_DBIAS", "HAS_DROPOUT")}
+
+# Dense 16-bit tensor-core FLOP per clock per SM of each target (None: Triton has no MMA there),
+# from the vendors' peak figures: the denominator of the issue-pressure figure. Assumptions, not
+# measurements; tf32 counts half, exact fp32 counts the FMA pipes (2 FLOP per lane).
+MMA_FLOP_PER_CLOCK: dict[int, int | None] = {75: None, 80: 2048, 86: 1024, 90: 4096, 100: 8192, 120: 1024}
+FMA_FLOP_PER_CLOCK: dict[int, int] = {75: 128, 80: 128, 86: 256, 90: 256, 100: 256, 120: 256}
 
 ENV_ERROR_EXIT = 3
 DEFAULT_KERNEL_MODULE = "fused_attn.kernels.attention"
@@ -148,17 +162,52 @@ class CompileJob:
     input_precision: str
     variant: str = DEFAULT_VARIANT  # one of VARIANTS
     features: tuple[str, ...] = ()  # variant constexprs switched on, e.g. ("HAS_DROPOUT", "IS_VARLEN")
+    even_d: bool = False  # EVEN_D / EVEN_DV: the head dim equals its block (64, 128) or is masked (80, 96)
+    table_variant: str | None = None  # the table's variant key this job vets (None: a diagnostic row)
 
     @property
-    def in_known_spills(self) -> bool:
-        """Listed in configs.KNOWN_SPILLS (16-bit dtypes only): its spills are reported, not failed."""
-        return (self.dtype in ("fp16", "bf16")
-                and (self.capability, self.head_dim, self.kernel) in KNOWN_SPILLS)
+    def uses_mma(self) -> bool:
+        """Tensor-core dots: not on targets where Triton lowers tl.dot to FMA, not for exact fp32."""
+        return (TARGETS[self.capability].tensor_cores and self.kernel != "preprocess"
+                and (self.dtype != "fp32" or self.input_precision == "tf32"))
 
     @property
-    def needs_hgmma(self) -> bool:
-        """On capability 90 the 16-bit kernels with dots must use warpgroup MMA."""
-        return self.capability >= 90 and self.dtype in ("fp16", "bf16") and self.kernel != "preprocess"
+    def needs_wgmma_n(self) -> bool:
+        """On capability 90 the 16-bit hot loops must use warpgroup MMA with N >= 32 (or the head
+        dim, where it is smaller)."""
+        return self.capability == 90 and self.dtype in ("fp16", "bf16") and self.kernel != "preprocess"
+
+    @property
+    def useful_flops(self) -> int | None:
+        """FLOPs one iteration of the hot loop must do (head dims at their blocks)."""
+        d = self.head_dim
+        if self.block_n is None:
+            return None
+        pairs = self.block_m * self.block_n
+        return {"fwd": 4 * pairs * d, "dkdv": 8 * pairs * d, "dq": 6 * pairs * d}.get(self.kernel)
+
+    @property
+    def name(self) -> str:
+        tile = f"{self.block_m}x{self.block_n}" if self.block_n is not None else f"{self.block_m}"
+        feats = ("-" + "+".join(self.features)) if self.features else ""
+        return (f"sm{self.capability}-d{self.head_dim}-{self.dtype}-{self.input_precision}-{self.kernel}-{tile}"
+                f"-w{self.num_warps}-s{self.num_stages}-{'even' if self.even_d else 'masked'}{feats}")
+
+
+@dataclass
+class HotLoop:
+    """The unmasked inner loop of a compiled kernel, read from its SASS (static figures)."""
+
+    instructions: int  # per warp, one iteration
+    mma_instructions: int  # HGMMA / HMMA / UTC*MMA per warp (per CTA for UTC*MMA)
+    executed_flops: int | None  # per CTA and iteration (None: tcgen05, whose shapes the SASS does not show)
+    wgmma_n: list[int]  # the N of every HGMMA in the loop
+    local_memory: int  # LDL + STL in the loop
+    selects: int  # FSEL + FSETP + SEL: how the unmasked loop is told from the masked ones
+    mufu: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -171,16 +220,20 @@ class KernelReport:
     registers: int | None = None
     stack_bytes: int | None = None
     local_bytes: int | None = None
-    spill_instructions: int | None = None  # LDL + STL in the SASS
+    spill_instructions: int | None = None  # LDL + STL in the whole SASS
     shared: int | None = None  # compiled.metadata.shared: dynamic shared memory
     static_shared: int | None = None  # SHARED in cuobjdump's resource usage
     shared_limit: int = 0
     hgmma: int | None = None
     hmma: int | None = None
+    tcgen05: int | None = None  # UTC*MMA (sm_100)
     mufu_ex2: int | None = None
+    hot_loop: HotLoop | None = None
+    mma_ratio: float | None = None  # executed / useful MMA FLOPs in the hot loop
+    issue_per_mma: float | None = None  # hot-loop issue slots per useful MMA cycle (static model)
     compile_seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
-    known_spill: str | None = None  # KNOWN_SPILLS' reason when this row spills as listed there
+    notes: list[str] = field(default_factory=list)  # recorded, not failed
 
     @property
     def spills(self) -> int:
@@ -197,10 +250,19 @@ class KernelReport:
 
     def as_dict(self) -> dict[str, Any]:
         row = asdict(self.job)
-        row.update({k: v for k, v in asdict(self).items() if k != "job"})
-        row.update(spills=self.spills, total_shared=self.total_shared, needs_hgmma=self.job.needs_hgmma,
-                   ok=self.ok)
+        row.update({k: v for k, v in asdict(self).items() if k not in ("job", "hot_loop")})
+        row.update(hot_loop=self.hot_loop.as_dict() if self.hot_loop else None, spills=self.spills,
+                   total_shared=self.total_shared, ok=self.ok, name=self.job.name)
         return row
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> "KernelReport":
+        job_fields = {f for f in CompileJob.__dataclass_fields__}
+        job = CompileJob(**{k: (tuple(v) if k == "features" else v) for k, v in row.items() if k in job_fields})
+        report_fields = set(cls.__dataclass_fields__) - {"job", "hot_loop"}
+        report = cls(job=job, **{k: row[k] for k in report_fields if k in row})
+        report.hot_loop = HotLoop(**row["hot_loop"]) if row.get("hot_loop") else None
+        return report
 
 
 @dataclass
@@ -215,23 +277,80 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "seconds": round(self.seconds, 2), "triton_version": self.triton_version,
-                "variant": self.rows[0].job.variant if self.rows else None,
+                "fingerprint": fingerprint(), "variant": self.rows[0].job.variant if self.rows else None,
                 "shared_memory_limits": SHARED_MEMORY_LIMITS, "rows": [row.as_dict() for row in self.rows]}
 
 
-def _kernel_jobs(capability: int, head_dim: int, dtype: str, configs: AttentionConfigs,
-                 input_precision: str, variant: str) -> list[CompileJob]:
-    def job(kernel: str, cfg: KernelConfig) -> CompileJob:
-        return CompileJob(capability, head_dim, dtype, kernel, cfg.block_m, cfg.block_n, cfg.num_warps,
-                          cfg.num_stages, input_precision, variant)
+def fingerprint(kernel_module: str = DEFAULT_KERNEL_MODULE) -> str:
+    """Hash of what the compiled kernels depend on: the kernel source and the config table (read
+    as files, so it works under the interpreter too)."""
+    import hashlib
+    import importlib.util
 
-    preprocess = CompileJob(capability, head_dim, dtype, "preprocess", preprocess_block_m(head_dim, _ELEMENT_SIZES[dtype]), None,
-                            _PREPROCESS_NUM_WARPS, None, input_precision, variant)
-    return [job("fwd", configs.forward), preprocess, job("dkdv", configs.backward_dkdv),
-            job("dq", configs.backward_dq)]
+    digest = hashlib.sha256()
+    for module in (kernel_module, "fused_attn.kernels.config_table"):
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None, module
+        digest.update(Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:16]
 
 
-# Variant constexprs the kernels are launched with besides the plain (causal, no mask) rows.
+def _precisions(capability: int, dtype: str, fp32_tf32: bool = True) -> tuple[str, ...]:
+    # fp32 runs with 'ieee' (the default) and 'tf32' (torch's allow_tf32); Turing has no tf32.
+    if dtype != "fp32":
+        return ("tf32",)  # ignored by tl.dot for 16-bit operands
+    return ("ieee", "tf32") if fp32_tf32 and capability >= 80 else ("ieee",)
+
+
+def _dtypes(capability: int, element_size: int, dtypes: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The dtypes a row of `element_size` runs: no bf16 before capability 80 (the launcher refuses it)."""
+    chosen = [d for d in DTYPES_BY_ELEMENT_SIZE[element_size] if dtypes is None or d in dtypes]
+    if not TARGETS[capability].bf16:
+        chosen = [d for d in chosen if d != "bf16"] or (["fp16"] if element_size == 2 else chosen)
+    return tuple(chosen)
+
+
+def jobs_for_tile(capability: int, head_dim: int, element_size: int, kernel: str, cfg: KernelConfig,
+                  table_variant: str = "plain", *, dtypes: Sequence[str] | None = None,
+                  fp32_tf32: bool = True, variant: str = DEFAULT_VARIANT) -> list[CompileJob]:
+    """What vetting one tile of one kernel compiles: each dtype and precision the row runs, with
+    the head dim exact and masked."""
+    features = tuple(f for f in TABLE_VARIANT_FEATURES[table_variant] if kernel == "dkdv" or f != "STORE_DBIAS")
+    return [CompileJob(capability, head_dim, dtype, kernel, cfg.block_m, cfg.block_n, cfg.num_warps,
+                       cfg.num_stages, precision, variant, features, even_d, table_variant)
+            for dtype in _dtypes(capability, element_size, dtypes)
+            for precision in _precisions(capability, dtype, fp32_tf32)
+            for even_d in (False, True)]
+
+
+def build_jobs(table: Mapping[tuple[int, int, int, str], AttentionConfigs] | None = None, *,
+               fp32_tf32: bool = True, variant: str = DEFAULT_VARIANT, dtypes: Sequence[str] | None = None,
+               capabilities: Sequence[int] | None = None) -> list[CompileJob]:
+    """Every kernel to compile for `table` (default: the shipped first choices of every row,
+    capability, head-dim bucket, element size and variant key), with the head dim exact and
+    masked; the preprocess kernel once per (capability, head dim, dtype)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    table = all_configs() if table is None else table
+    jobs: list[CompileJob] = []
+    preprocess_done: set[tuple[int, int, str]] = set()
+    for (capability, head_dim, element_size, table_variant), configs in sorted(table.items()):
+        if capabilities is not None and capability not in capabilities:
+            continue
+        for kernel, cfg in (("fwd", configs.forward), ("dkdv", configs.backward_dkdv), ("dq", configs.backward_dq)):
+            jobs += jobs_for_tile(capability, head_dim, element_size, kernel, cfg, table_variant,
+                                  dtypes=dtypes, fp32_tf32=fp32_tf32, variant=variant)
+        for dtype in _dtypes(capability, element_size, dtypes):
+            if (capability, head_dim, dtype) not in preprocess_done:
+                preprocess_done.add((capability, head_dim, dtype))
+                jobs.append(CompileJob(capability, head_dim, dtype, "preprocess",
+                                       preprocess_block_m(head_dim, element_size), None, _PREPROCESS_NUM_WARPS,
+                                       None, "ieee" if dtype == "fp32" else "tf32", variant))
+    return jobs
+
+
+# Variant constexprs the kernels are launched with besides the table's keys: recorded by
+# `--variants` (window, ALiBi, softcap and packed input run the plain tiles).
 VARIANT_FEATURES: dict[str, tuple[str, ...]] = {
     "window": ("LIMIT_LEFT",),
     "alibi": ("HAS_ALIBI",),
@@ -246,8 +365,8 @@ VARIANT_FEATURES: dict[str, tuple[str, ...]] = {
 def build_variant_jobs(capabilities: Sequence[int] = (80, 90), head_dims: Sequence[int] = (64, 128),
                        features: Mapping[str, tuple[str, ...]] = VARIANT_FEATURES,
                        dtype: str = "bf16") -> list[CompileJob]:
-    """The forward, dK/dV and dQ kernels of the shipped configs with each variant switched on.
-    Their spills are recorded, not failed; compiling, shared memory and HGMMA are checked."""
+    """The forward, dK/dV and dQ kernels of the plain table tiles with each variant switched on
+    (head dim masked). Diagnostic rows: what the checks find is recorded, not failed."""
     jobs = []
     for capability in capabilities:
         for head_dim in head_dims:
@@ -258,25 +377,6 @@ def build_variant_jobs(capabilities: Sequence[int] = (80, 90), head_dims: Sequen
                     kernel_flags = tuple(f for f in flags if kernel == "dkdv" or f != "STORE_DBIAS")
                     jobs.append(CompileJob(capability, head_dim, dtype, kernel, cfg.block_m, cfg.block_n,
                                            cfg.num_warps, cfg.num_stages, "tf32", features=kernel_flags))
-    return jobs
-
-
-def build_jobs(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = None, *,
-               fp32_tf32: bool = True, variant: str = DEFAULT_VARIANT) -> list[CompileJob]:
-    """Every kernel to compile for `table` (default: the shipped configs).
-
-    16-bit dtypes compile with input_precision 'tf32' (ignored for 16-bit dots); fp32 compiles with
-    'ieee' (the launcher's default) and, with `fp32_tf32`, also 'tf32' (torch's allow_tf32 on)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    table = all_configs() if table is None else table
-    jobs: list[CompileJob] = []
-    for (capability, head_dim, element_size), configs in sorted(table.items()):
-        for dtype in DTYPES_BY_ELEMENT_SIZE[element_size]:
-            precisions = ("ieee", "tf32") if dtype == "fp32" and fp32_tf32 else (
-                ("ieee",) if dtype == "fp32" else ("tf32",))
-            for precision in precisions:
-                jobs.extend(_kernel_jobs(capability, head_dim, dtype, configs, precision, variant))
     return jobs
 
 
@@ -311,17 +411,17 @@ def _signature(fn: Any, dtype: str, variant: str = DEFAULT_VARIANT
 
 
 # Constexprs the launcher sets only under the Triton interpreter (bf16 emulation): off on the GPU.
-_INTERPRETER_ONLY_FLAGS = frozenset({"DOT_UPCAST", "EMULATE_BF16"})
+_INTERPRETER_ONLY_FLAGS = frozenset({"EMULATE_BF16"})
 
 
 def _constexprs(fn: Any, job: CompileJob) -> dict[str, Any]:
     """Values of every constexpr parameter of `fn`, for the most demanding variant the launcher
     produces: causal (diagonal and unmasked loops) and head dims that need masks."""
     if job.kernel == "preprocess":
-        known: dict[str, Any] = {"BLOCK_M": job.block_m, "BLOCK_DV": job.head_dim}
+        known: dict[str, Any] = {"BLOCK_M": job.block_m, "BLOCK_DV": job.head_dim, "EVEN_DV": job.even_d}
     else:
         known = {"BLOCK_M": job.block_m, "BLOCK_N": job.block_n, "BLOCK_D": job.head_dim,
-                 "BLOCK_DV": job.head_dim, "LIMIT_RIGHT": True, "EVEN_D": False, "EVEN_DV": False,
+                 "BLOCK_DV": job.head_dim, "LIMIT_RIGHT": True, "EVEN_D": job.even_d, "EVEN_DV": job.even_d,
                  "INPUT_PRECISION": job.input_precision,
                  # The plain rows cover calls without attn_mask or variants; `features` turns them on.
                  "BIAS_KIND": 0, "STORE_DBIAS": False}
@@ -349,8 +449,78 @@ def _count(pattern: str, sass: str) -> int:
     return len(re.findall(pattern, sass))
 
 
-def compile_one(job: CompileJob, kernel_module: str = DEFAULT_KERNEL_MODULE) -> KernelReport:
-    """Compile one kernel for its target and read registers, spills, shared memory and MMA use."""
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def _opcode(text: str) -> str:
+    if text.startswith("@"):  # predicated: @P0 BRA ...
+        text = text.split(None, 1)[1] if " " in text else ""
+    return text.split()[0] if text else ""
+
+
+def _is_mma(opcode: str) -> bool:
+    return opcode.startswith(("HGMMA", "HMMA")) or (opcode.startswith("UTC") and "MMA" in opcode)
+
+
+def _mma_flops(opcode: str, num_warps: int) -> int | None:
+    """Executed FLOPs of one MMA instruction for the whole CTA; None when the SASS hides the shape."""
+    match = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode)
+    if match:  # one per warpgroup
+        m, n, k = map(int, match.groups())
+        return 2 * m * n * k * max(1, num_warps // 4)
+    match = re.match(r"HMMA\.16(8)(\d+)", opcode)
+    if match:  # m16 n8 kK, one per warp
+        return 2 * 16 * 8 * int(match.group(2)) * num_warps
+    return None
+
+
+def find_hot_loop(sass: str, num_warps: int, uses_mma: bool) -> HotLoop | None:
+    """The unmasked inner loop: of the innermost loops (backward branches) that hold MMA
+    instructions (FFMA for FMA dots), the one with the fewest selects (the masked loops compare
+    and select per element)."""
+    instructions = [(int(m.group(1), 16), m.group(2).strip()) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for address, text in instructions:
+        if _opcode(text).startswith("BRA"):
+            target = re.search(r"0x([0-9a-f]+)", text)
+            if target and int(target.group(1), 16) <= address:
+                loops.append((int(target.group(1), 16), address))
+    innermost = [(lo, hi) for lo, hi in loops
+                 if not any((lo, hi) != (l2, h2) and lo <= l2 and h2 <= hi for l2, h2 in loops)]
+    bodies = []
+    for lo, hi in innermost:
+        ops = [_opcode(text) for address, text in instructions if lo <= address <= hi]
+        weight = sum(1 for op in ops if _is_mma(op)) if uses_mma else sum(1 for op in ops if op.startswith("FFMA"))
+        if weight:
+            bodies.append((weight, ops))
+    if not bodies:
+        return None
+    if not uses_mma:  # FMA dots: the loops with most of the FMAs, then the fewest selects
+        top = max(weight for weight, _ in bodies)
+        bodies = [(w, ops) for w, ops in bodies if w * 2 >= top]
+    selects = lambda ops: sum(1 for op in ops if op.split(".")[0] in ("FSEL", "FSETP", "SEL"))  # noqa: E731
+    _, ops = min(bodies, key=lambda body: (selects(body[1]), -len(body[1])))
+    mma = [op for op in ops if _is_mma(op)]
+    flops = [_mma_flops(op, num_warps) for op in mma]
+    return HotLoop(
+        instructions=len(ops), mma_instructions=len(mma),
+        executed_flops=None if any(f is None for f in flops) else sum(flops),  # type: ignore[arg-type]
+        wgmma_n=sorted(int(m.group(1)) for m in (re.match(r"HGMMA\.\d+x(\d+)x", op) for op in mma) if m),
+        local_memory=sum(1 for op in ops if op.split(".")[0] in ("LDL", "STL")),
+        selects=selects(ops), mufu=sum(1 for op in ops if op.startswith("MUFU")))
+
+
+def _peak_flop_per_clock(job: CompileJob) -> int:
+    if job.uses_mma:
+        peak = MMA_FLOP_PER_CLOCK[job.capability] or FMA_FLOP_PER_CLOCK[job.capability]
+        return peak // 2 if job.dtype == "fp32" else peak
+    return FMA_FLOP_PER_CLOCK[job.capability]
+
+
+def compile_one(job: CompileJob, kernel_module: str = DEFAULT_KERNEL_MODULE,
+                dump_dir: str | None = None) -> KernelReport:
+    """Compile one kernel for its target, read registers, spills, shared memory and its hot loop,
+    and check it. With `dump_dir`, the cubin, SASS and PTX are written there as `<job.name>.*`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -389,6 +559,12 @@ def compile_one(job: CompileJob, kernel_module: str = DEFAULT_KERNEL_MODULE) -> 
         except subprocess.CalledProcessError as exc:
             report.failures.append(f"cuobjdump failed ({exc.returncode}): {exc.stderr.strip()[:200]}")
             return report
+    if dump_dir is not None:
+        out = Path(dump_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{job.name}.cubin").write_bytes(compiled.asm["cubin"])
+        (out / f"{job.name}.sass").write_text(sass)
+        (out / f"{job.name}.ptx").write_text(compiled.asm.get("ptx", ""))
     match = _RESOURCE_RE.search(usage)
     if match is None:
         report.failures.append(f"cannot parse cuobjdump resource usage: {usage.strip()[:200]}")
@@ -397,24 +573,47 @@ def compile_one(job: CompileJob, kernel_module: str = DEFAULT_KERNEL_MODULE) -> 
     report.spill_instructions = _count(r"\bLDL\b", sass) + _count(r"\bSTL\b", sass)
     report.hgmma = _count(r"\bHGMMA\b", sass)
     report.hmma = _count(r"\bHMMA\b", sass)
+    report.tcgen05 = _count(r"\bUTC\w*MMA\b", sass)
     report.mufu_ex2 = _count(r"\bMUFU\.EX2\b", sass)
+    if job.kernel != "preprocess":
+        report.hot_loop = find_hot_loop(sass, job.num_warps, job.uses_mma)
+    _check(report)
+    return report
 
-    if job.in_known_spills:
-        if report.spills or report.spill_instructions:
-            report.known_spill = KNOWN_SPILLS[(job.capability, job.head_dim, job.kernel)]
-        else:
-            report.failures.append("listed in configs.KNOWN_SPILLS but spills nothing: remove the entry")
-    elif (report.spills or report.spill_instructions) and not job.features:
-        # Variant rows (job.features) record spills without failing: their configs are the plain
-        # kernels' (no GPU has timed alternatives yet), see VARIANT_FEATURES.
-        report.failures.append(f"spills registers (STACK {report.stack_bytes}, LOCAL {report.local_bytes}, "
-                               f"{report.spill_instructions} LDL/STL)")
+
+def _check(report: KernelReport) -> None:
+    """The speed checks: no wasted MMA work, wide wgmma on sm_90, no local memory in the hot
+    loop, shared memory within the card's limit. Spills outside the hot loop are recorded."""
+    job, loop = report.job, report.hot_loop
     if report.total_shared > report.shared_limit:
         report.failures.append(f"needs {report.total_shared} B shared memory, over the {report.shared_limit} B "
                                f"of capability {job.capability}")
-    if job.needs_hgmma and not report.hgmma:
-        report.failures.append(f"no HGMMA on capability {job.capability} ({report.hmma} HMMA): the slow path")
-    return report
+    if report.spills or report.spill_instructions:
+        report.notes.append(f"spills {report.spills} B ({report.spill_instructions} LDL/STL) outside the hot loop")
+    if job.kernel == "preprocess":
+        return
+    if loop is None:
+        report.failures.append("no inner loop with " + ("MMA" if job.uses_mma else "FMA") + " instructions found")
+        return
+    if loop.local_memory:
+        report.failures.append(f"{loop.local_memory} LDL/STL inside the unmasked inner loop")
+    useful = job.useful_flops
+    if job.uses_mma and loop.executed_flops is not None and useful:
+        report.mma_ratio = loop.executed_flops / useful
+        if abs(report.mma_ratio - 1.0) > 1e-6:
+            report.failures.append(f"executed/useful MMA FLOPs {report.mma_ratio:.2f} in the hot loop "
+                                   "(warps recompute each other's tiles: M side < 64 x warpgroups)")
+    elif job.uses_mma and loop.executed_flops is None:
+        report.notes.append("tcgen05 MMA: issued once per CTA, no warp replication by construction")
+    if job.needs_wgmma_n:
+        if not loop.wgmma_n:
+            report.failures.append(f"no HGMMA in the hot loop on capability 90 ({report.hmma} HMMA): the slow path")
+        elif min(loop.wgmma_n) < min(32, job.head_dim):  # at head dim 16, P @ V has N = 16 by construction
+            report.failures.append(f"wgmma N={min(loop.wgmma_n)} in the hot loop (shared-memory bound below 32)")
+        elif min(loop.wgmma_n) < min(64, job.head_dim):
+            report.notes.append(f"wgmma N={min(loop.wgmma_n)} < 64 in the hot loop")
+    if useful:
+        report.issue_per_mma = (loop.instructions * job.num_warps / 4) / (useful / _peak_flop_per_clock(job))
 
 
 def _summarize_error(exc: BaseException) -> str:
@@ -446,41 +645,121 @@ def _cost(job: CompileJob) -> int:
     return -(job.head_dim * (job.block_m + (job.block_n or 0)) * (2 if job.kernel in ("dkdv", "dq") else 1))
 
 
-def run_report(table: Mapping[tuple[int, int, int], AttentionConfigs] | None = None, *, workers: int = 2,
+def _job_key(job: CompileJob) -> str:
+    return json.dumps(asdict(job), sort_keys=True)
+
+
+class RowCache:
+    """Rows already compiled (a JSON-lines file), each stamped with its kernel's Triton cache key
+    (the kernel's source and every @triton.jit function it calls) and the Triton version, so
+    `--pick` and the report that follows it compile each kernel once, and a change to one kernel
+    recompiles only that kernel's rows."""
+
+    def __init__(self, path: str | None, kernel_module: str = DEFAULT_KERNEL_MODULE) -> None:
+        self.path = Path(path) if path else None
+        self.stamps = kernel_stamps(kernel_module)
+        self.rows: dict[str, dict[str, Any]] = {}
+        if self.path is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                entry = json.loads(line)
+                if entry.get("stamp") == self.stamps.get(entry["row"]["kernel"]):
+                    self.rows[entry["job"]] = entry["row"]
+
+    def get(self, job: CompileJob) -> KernelReport | None:
+        row = self.rows.get(_job_key(job))
+        return None if row is None else _rechecked(row)
+
+    def add(self, report: KernelReport) -> None:
+        key = _job_key(report.job)
+        if key in self.rows or self.path is None or not report.compiled:
+            return
+        self.rows[key] = report.as_dict()
+        with self.path.open("a") as f:
+            f.write(json.dumps({"stamp": self.stamps[report.job.kernel], "job": key, "row": self.rows[key]}) + "\n")
+
+
+def _rechecked(row: Mapping[str, Any]) -> KernelReport:
+    """A cached row with the checks of this version applied to its raw figures."""
+    report = KernelReport.from_dict(row)
+    report.failures, report.notes, report.mma_ratio, report.issue_per_mma = [], [], None, None
+    if report.compiled:
+        _check(report)
+    return report
+
+
+def kernel_stamps(kernel_module: str = DEFAULT_KERNEL_MODULE) -> dict[str, str]:
+    """Per kernel name: Triton's cache key of the kernel (its source and its callees) and Triton's version."""
+    import triton
+
+    module = _kernel_module(kernel_module)
+    return {kernel: f"{getattr(module, name).cache_key}-triton{triton.__version__}"
+            for kernel, name in _KERNEL_FUNCTIONS.items() if hasattr(getattr(module, name, None), "cache_key")}
+
+
+def run_report(table: Mapping[tuple[int, int, int, str], AttentionConfigs] | None = None, *, workers: int = 2,
                fp32_tf32: bool = True, variant: str = DEFAULT_VARIANT, cache_dir: str | None = None,
-               kernel_module: str = DEFAULT_KERNEL_MODULE, jobs: Sequence[CompileJob] | None = None) -> Report:
-    """Compile every kernel of `table` (default: the shipped configs), or the given `jobs`, and check each one.
+               kernel_module: str = DEFAULT_KERNEL_MODULE, jobs: Sequence[CompileJob] | None = None,
+               dump_dir: str | None = None, row_cache: str | None = None) -> Report:
+    """Compile every kernel of `table` (default: every vetted tile of the shipped table), or the
+    given `jobs`, and check each one.
 
     `workers` processes compile in parallel (1: in this process). `variant` picks what the
     compiler may assume about head dims and strides (see the module docstring). `cache_dir` is the
     TRITON_CACHE_DIR of the compiles; by default a fresh temporary one, so nothing stale is reused.
-    `kernel_module` names a module with the four kernels, to check a patched copy.
+    `kernel_module` names a module with the four kernels, to check a patched copy. `dump_dir`
+    receives every cubin, SASS and PTX; `row_cache` (a JSON-lines file) reuses earlier compiles of
+    the same kernel source and Triton version.
     Raises ReportEnvironmentError when the kernels cannot be compiled here."""
     import triton
 
     check_environment(kernel_module)
     start = time.perf_counter()
-    jobs = build_jobs(table, fp32_tf32=fp32_tf32, variant=variant) if jobs is None else list(jobs)
-    if cache_dir is None:
-        # A fresh cache: Triton's cache key ignores some settings that change the result (for
-        # example TRITON_ALLOW_NON_CONSTEXPR_GLOBALS), so a shared cache could report stale kernels.
-        with tempfile.TemporaryDirectory(prefix="fused_attn_kernel_report_") as fresh:
-            rows = _compile_all(jobs, workers, fresh, kernel_module)
-    else:
-        rows = _compile_all(jobs, workers, cache_dir, kernel_module)
+    if jobs is None:
+        jobs = _all_table_jobs(table, fp32_tf32=fp32_tf32, variant=variant)
+    jobs = list(dict.fromkeys(jobs))  # one compile per distinct job
+    cache = RowCache(None if dump_dir else row_cache, kernel_module)  # a dump needs the files: compile
+    cached = {i: cache.get(job) for i, job in enumerate(jobs)}
+    todo = [i for i, row in cached.items() if row is None]
+    with tempfile.TemporaryDirectory(prefix="fused_attn_kernel_report_") as fresh:
+        # A fresh cache by default: Triton's cache key ignores some settings that change the result
+        # (for example TRITON_ALLOW_NON_CONSTEXPR_GLOBALS), so a shared cache could report stale kernels.
+        compiled = _compile_all([jobs[i] for i in todo], workers, cache_dir or fresh, kernel_module, dump_dir)
+    for i, row in zip(todo, compiled):
+        cached[i] = row
+        cache.add(row)
+    rows = [cached[i] for i in range(len(jobs))]
+    if dump_dir is not None:
+        index = [dict(row.as_dict(), files={ext: f"{row.job.name}.{ext}" for ext in ("cubin", "sass", "ptx")})
+                 for row in rows if row.compiled]
+        Path(dump_dir, "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return Report(rows=rows, seconds=time.perf_counter() - start, triton_version=triton.__version__)
 
 
+def _all_table_jobs(table: Mapping[tuple[int, int, int, str], AttentionConfigs] | None, *, fp32_tf32: bool,
+                    variant: str) -> list[CompileJob]:
+    """The jobs of `table`, or of every tile the shipped table lists (first choices and the
+    vetted alternatives the tuner and the out-of-resources retry may launch)."""
+    if table is not None:
+        return build_jobs(table, fp32_tf32=fp32_tf32, variant=variant)
+    jobs = build_jobs(fp32_tf32=fp32_tf32, variant=variant)
+    for (capability, head_dim, size, table_variant), by_kernel in sorted(all_candidates().items()):
+        for kernel, table_kernel in _TABLE_KERNEL.items():
+            for cfg in by_kernel[table_kernel][1:]:
+                jobs += jobs_for_tile(capability, head_dim, size, kernel, cfg, table_variant,
+                                      fp32_tf32=fp32_tf32, variant=variant)
+    return jobs
+
+
 def _compile_all(jobs: Sequence[CompileJob], workers: int, cache_dir: str,
-                 kernel_module: str) -> list[KernelReport]:
+                 kernel_module: str, dump_dir: str | None = None) -> list[KernelReport]:
     order = sorted(range(len(jobs)), key=lambda i: _cost(jobs[i]))
     results: dict[int, KernelReport] = {}
-    if workers <= 1:
+    if workers <= 1 or len(jobs) <= 1:
         saved_cache_dir = os.environ.get("TRITON_CACHE_DIR")
         try:
             _worker_init(cache_dir)
             for i in order:
-                results[i] = compile_one(jobs[i], kernel_module)
+                results[i] = compile_one(jobs[i], kernel_module, dump_dir)
         finally:
             if saved_cache_dir is None:
                 os.environ.pop("TRITON_CACHE_DIR", None)
@@ -491,10 +770,181 @@ def _compile_all(jobs: Sequence[CompileJob], workers: int, cache_dir: str,
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                                     initializer=_worker_init, initargs=(cache_dir,)) as pool:
-            futures = {pool.submit(compile_one, jobs[i], kernel_module): i for i in order}
+            futures = {pool.submit(compile_one, jobs[i], kernel_module, dump_dir): i for i in order}
             for future in concurrent.futures.as_completed(futures):
                 results[futures[future]] = future.result()
     return [results[i] for i in range(len(jobs))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Picking the table: the largest tiles that pass every check, per row, kernel and variant.
+
+def _tiles(*specs: str) -> tuple[KernelConfig, ...]:
+    out = []
+    for spec in specs:
+        tile, rest = spec.split("w")
+        warps, stages = rest.split("s")
+        m, n = tile.split("x")
+        out.append(KernelConfig(int(m), int(n), int(warps), int(stages)))
+    return tuple(out)
+
+
+# Preference order (largest tile first, then more pipelining): FlashAttention-2's and the Triton
+# tutorial's shapes on top. The M side of every dot (block_m for forward/dQ, block_n for dK/dV)
+# is >= 64 per warpgroup in the large tiles; the small ones are for small shared memories.
+CANDIDATE_TILES: dict[tuple[str, str], tuple[KernelConfig, ...]] = {
+    ("fwd", "mma"): _tiles("128x128w8s3", "128x128w8s2", "128x64w8s3", "128x64w8s2", "128x64w4s2", "64x64w4s3",
+                           "64x64w4s2", "64x32w4s2", "64x32w4s1", "32x32w4s1", "16x16w4s1"),
+    ("dkdv", "mma"): _tiles("64x128w8s3", "64x128w8s2", "32x128w8s3", "32x128w8s2", "64x64w4s3", "64x64w4s2",
+                            "32x64w4s3", "32x64w4s2", "32x64w4s1", "16x64w4s1", "32x32w4s1", "16x32w4s1", "16x16w4s1"),
+    ("dq", "mma"): _tiles("128x128w8s2", "128x64w8s3", "128x64w8s2", "128x32w8s2", "64x64w4s3", "64x64w4s2",
+                          "64x32w4s2", "64x32w4s1", "32x32w4s1", "16x16w4s1"),
+    # Exact fp32 (FMA dots, operands whole in registers) and every dtype on targets without MMA.
+    ("fwd", "fma"): _tiles("128x64w8s2", "64x64w4s2", "64x32w4s2", "64x32w4s1", "32x32w4s1", "16x32w4s1",
+                           "16x16w4s1"),
+    ("dkdv", "fma"): _tiles("64x64w4s2", "32x64w4s2", "32x64w4s1", "16x64w4s1", "32x32w4s1", "16x32w4s1",
+                            "16x16w4s1"),
+    ("dq", "fma"): _tiles("128x32w8s2", "64x64w4s2", "64x32w4s2", "64x32w4s1", "32x32w4s1", "16x16w4s1"),
+}
+
+
+@dataclass
+class PickResult:
+    """One (row, kernel) of the table: the vetted tiles, best first, and every row compiled for it."""
+
+    key: tuple[int, int, int, str]
+    kernel: str
+    chosen: list[KernelConfig]
+    rows: list[KernelReport]
+    passed: bool  # False: no candidate passed; `chosen` holds the one that failed least
+
+
+def _candidate_kind(capability: int, element_size: int) -> str:
+    return "mma" if TARGETS[capability].tensor_cores and element_size == 2 else "fma"
+
+
+def _candidates_for(kernel: str, capability: int, element_size: int) -> tuple[KernelConfig, ...]:
+    tiles = CANDIDATE_TILES[(kernel, _candidate_kind(capability, element_size))]
+    if not TARGETS[capability].tensor_cores:
+        # FMA dots hold whole operand tiles in registers and Turing has 64 KB of shared memory:
+        # start at 64-row tiles (each sm_75 compile takes ~10 s).
+        tiles = tuple(t for t in tiles if t.block_m * t.block_n <= 64 * 64 and t.num_warps == 4)
+    return tiles
+
+
+def pick_slot(key: tuple[int, int, int, str], kernel: str, candidates: Sequence[KernelConfig], keep: int,
+              kernel_module: str = DEFAULT_KERNEL_MODULE, cached: Mapping[str, Mapping[str, Any]] | None = None
+              ) -> PickResult:
+    """Compile `candidates` in order until `keep` pass every check with the head dim masked and
+    exact (bf16 stands for 16-bit; fp32 both ways); stops at a tile's first failure."""
+    capability, head_dim, size, table_variant = key
+    dtypes = ("bf16",) if size == 2 and TARGETS[capability].bf16 else None
+    chosen: list[KernelConfig] = []
+    rows: list[KernelReport] = []
+    worst: list[tuple[int, int, KernelConfig]] = []
+    for index, cfg in enumerate(candidates):
+        failed = 0
+        for job in jobs_for_tile(capability, head_dim, size, kernel, cfg, table_variant, dtypes=dtypes):
+            hit = (cached or {}).get(_job_key(job))
+            row = _rechecked(hit) if hit is not None else compile_one(job, kernel_module)
+            rows.append(row)
+            if not row.ok:
+                failed += 1
+                break
+        if failed:
+            worst.append((failed, index, cfg))
+            continue
+        chosen.append(cfg)
+        if len(chosen) >= keep:
+            break
+    if chosen:
+        return PickResult(key, kernel, chosen, rows, True)
+    return PickResult(key, kernel, [candidates[-1]], rows, False)
+
+
+def _pick_worker(args: tuple[Any, ...]) -> PickResult:
+    return pick_slot(*args)
+
+
+def pick_table(capabilities: Sequence[int] = CAPABILITIES, head_dims: Sequence[int] = (16, 32, 64, 128, 256),
+               element_sizes: Sequence[int] = (2, 4), variants: Sequence[str] = TABLE_VARIANTS, *,
+               workers: int = 2, kernel_module: str = DEFAULT_KERNEL_MODULE, row_cache: str | None = None,
+               log: Any = None, keep_plain: int = 2) -> dict[tuple[int, int, int, str], dict[str, PickResult]]:
+    """Pick every (capability, head dim, element size, variant) row of the table. The plain rows
+    search the whole candidate list; the variant rows start from the plain row's choice (a mask
+    or dropout never makes a larger tile fit)."""
+    check_environment(kernel_module)
+    cache = RowCache(row_cache, kernel_module)
+    results: dict[tuple[int, int, int, str], dict[str, PickResult]] = {}
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="fused_attn_pick_") as tmp, \
+            concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                   initializer=_worker_init, initargs=(tmp,)) as pool:
+        for phase in ([v for v in variants if v == "plain"], [v for v in variants if v != "plain"]):
+            futures = {}
+            for capability in capabilities:
+                for head_dim in head_dims:
+                    for size in element_sizes:
+                        for table_variant in phase:
+                            key = (capability, head_dim, size, table_variant)
+                            for kernel in ("dkdv", "dq", "fwd"):
+                                candidates = _candidates_for(kernel, capability, size)
+                                # Plain rows keep alternatives for the tuner and the out-of-resources
+                                # retry; variant rows keep their first passing tile.
+                                keep = keep_plain if table_variant == "plain" and _candidate_kind(capability, size) == "mma" else 1
+                                if table_variant != "plain":
+                                    plain_key = (capability, head_dim, size, "plain")
+                                    plain = (results[plain_key][kernel].chosen[0] if plain_key in results else
+                                             all_candidates()[plain_key][_TABLE_KERNEL[kernel]][0])
+                                    candidates = candidates[candidates.index(plain):] if plain in candidates else candidates
+                                dtypes = ("bf16",) if size == 2 and TARGETS[capability].bf16 else None
+                                hits = {k: cache.rows[k] for cfg in candidates
+                                        for job in jobs_for_tile(capability, head_dim, size, kernel, cfg,
+                                                                 table_variant, dtypes=dtypes)
+                                        if (k := _job_key(job)) in cache.rows}
+                                futures[pool.submit(_pick_worker, (key, kernel, candidates, keep, kernel_module,
+                                                                   hits))] = key
+            for future in concurrent.futures.as_completed(futures):
+                result = future.result()
+                results.setdefault(result.key, {})[result.kernel] = result
+                for row in result.rows:
+                    cache.add(row)
+                if log is not None:
+                    print(f"picked {result.key} {result.kernel}: "
+                          f"{[f'{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}' for c in result.chosen]}"
+                          f"{'' if result.passed else ' (NOTHING PASSED)'} after {len(result.rows)} compiles",
+                          file=log, flush=True)
+    return results
+
+
+def write_table(results: Mapping[tuple[int, int, int, str], Mapping[str, PickResult]], path: str) -> None:
+    """Write kernels/config_table.py from `pick_table`'s results."""
+    import triton
+
+    lines = ['"""The config table, generated by `python -m fused_attn.kernel_report --pick` (do not edit by hand).',
+             "",
+             "(capability, head-dim bucket, element size, variant) -> for the forward, dK/dV and dQ kernels, the",
+             "vetted tiles (block_m, block_n, num_warps, num_stages), best first. Static checks only (see",
+             f"fused_attn/kernel_report.py), Triton {triton.__version__}; no GPU has timed them.",
+             '"""', "",
+             "PICKED: dict[tuple[int, int, int, str], tuple[tuple[tuple[int, int, int, int], ...], ...]] = {"]
+    failed = []
+    shipped = all_candidates()  # rows not picked this time keep their tiles
+    for key in sorted(set(results) | set(shipped), key=lambda k: (k[0], k[1], k[2], TABLE_VARIANTS.index(k[3]))):
+        per_kernel = []
+        for kernel in ("fwd", "dkdv", "dq"):
+            result = results.get(key, {}).get(kernel)
+            if result is not None and not result.passed:
+                failed.append(f"{key} {kernel}")
+            chosen = result.chosen if result is not None else shipped[key][_TABLE_KERNEL[kernel]]
+            per_kernel.append("(" + ", ".join(f"({c.block_m}, {c.block_n}, {c.num_warps}, {c.num_stages})"
+                                              for c in chosen) + ",)")
+        lines.append(f"    {key!r}: ({', '.join(per_kernel)}),")
+    lines.append("}")
+    if failed:
+        lines.append("")
+        lines.append(f"# No candidate passed every check (the least failing is listed): {', '.join(failed)}")
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def _cell(value: int | None) -> str:
@@ -509,28 +959,50 @@ def _feature_name(flags: tuple[str, ...]) -> str:
 
 
 def format_markdown(rows: Iterable[KernelReport]) -> str:
-    """One markdown row per (capability, head dim, dtype, precision, kernel)."""
+    """One markdown row per compiled kernel; the hot-loop columns are static figures."""
     rows = list(rows)
     with_features = any(row.job.features for row in rows)
     header = ("| cap | D | dtype | prec | kernel |" + (" variant |" if with_features else "")
-              + " BM x BN | warps | stages | regs | spills | shared (B) | limit (B) | HGMMA | HMMA | EX2 | s | status |")
+              + " BM x BN | warps | stages | D exact | regs | spills | shared (B) | hot-loop MMA | exec/useful "
+                "| wgmma N | hot LDL/STL | issue/MMA | status |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        job = row.job
+        job, loop = row.job, row.hot_loop
         tile = f"{job.block_m} x {job.block_n}" if job.block_n is not None else f"{job.block_m}"
         spills = "-" if not row.compiled else (
             "0" if not (row.spills or row.spill_instructions) else f"{row.spills} B, {row.spill_instructions} LDL/STL")
-        shared = "-" if not row.compiled else (
-            str(row.shared) if not row.static_shared else f"{row.shared}+{row.static_shared}")
-        status = ("known spill" if row.known_spill else "ok") if row.ok else "FAIL: " + "; ".join(row.failures).replace("|", "/")
-        if row.ok and job.features and row.spills:
-            status = "ok (spills recorded)"
+        shared = "-" if not row.compiled else f"{row.total_shared} / {row.shared_limit}"
+        mma = "-" if loop is None else (
+            f"{loop.mma_instructions} {'HGMMA' if row.hgmma else 'UTCMMA' if row.tcgen05 else 'HMMA' if row.hmma else 'FFMA'}"
+            if loop.mma_instructions else "FMA")
+        ratio = "-" if row.mma_ratio is None else f"{row.mma_ratio:.2f}"
+        wgmma_n = "-" if loop is None or not loop.wgmma_n else "/".join(str(n) for n in sorted(set(loop.wgmma_n)))
+        issue = "-" if row.issue_per_mma is None else f"{row.issue_per_mma:.2f}"
+        status = "ok" if row.ok else "FAIL: " + "; ".join(row.failures).replace("|", "/")
         variant_cell = f" {_feature_name(job.features)} |" if with_features else ""
         lines.append(
-            f"| {job.capability} | {job.head_dim} | {job.dtype} | {job.input_precision} | {job.kernel} |{variant_cell} {tile} "
-            f"| {job.num_warps} | {_cell(job.num_stages)} | {_cell(row.registers)} | {spills} | {shared} "
-            f"| {row.shared_limit} | {_cell(row.hgmma)} | {_cell(row.hmma)} | {_cell(row.mufu_ex2)} "
-            f"| {row.compile_seconds:.1f} | {status} |")
+            f"| {job.capability} | {job.head_dim} | {job.dtype} | {job.input_precision} | {job.kernel} |{variant_cell} "
+            f"{tile} | {job.num_warps} | {_cell(job.num_stages)} | {'yes' if job.even_d else 'no'} "
+            f"| {_cell(row.registers)} | {spills} | {shared} | {mma} | {ratio} | {wgmma_n} "
+            f"| {'-' if loop is None else loop.local_memory} | {issue} | {status} |")
+    return "\n".join(lines)
+
+
+def format_summary(rows: Sequence[KernelReport]) -> str:
+    """Per (capability, dtype, kernel): the worst issue pressure and how many rows fail."""
+    groups: dict[tuple[int, str, str], list[KernelReport]] = {}
+    for row in rows:
+        if row.job.kernel != "preprocess":
+            groups.setdefault((row.job.capability, row.job.dtype, row.job.kernel), []).append(row)
+    lines = ["| cap | dtype | kernel | rows | failed | exec/useful (max) | issue/MMA (median, max) |",
+             "|---|---|---|---|---|---|---|"]
+    for (capability, dtype, kernel), group in sorted(groups.items()):
+        issues = sorted(r.issue_per_mma for r in group if r.issue_per_mma is not None)
+        ratios = [r.mma_ratio for r in group if r.mma_ratio is not None]
+        lines.append(f"| {capability} | {dtype} | {kernel} | {len(group)} | {sum(not r.ok for r in group)} "
+                     f"| {max(ratios):.2f} | " if ratios else
+                     f"| {capability} | {dtype} | {kernel} | {len(group)} | {sum(not r.ok for r in group)} | - | ")
+        lines[-1] += (f"{issues[len(issues) // 2]:.2f}, {issues[-1]:.2f} |" if issues else "- |")
     return "\n".join(lines)
 
 
@@ -550,21 +1022,55 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"importable module holding the four kernels (default: {DEFAULT_KERNEL_MODULE})")
     parser.add_argument("--variants", action="store_true",
                         help="compile the variant kernels (window, ALiBi, softcap, dropout, varlen, float mask) "
-                             "of the bf16 D=64/128 configs instead; their spills are recorded, not failed")
+                             "of the bf16 D=64/128 plain tiles instead; diagnostic rows")
+    parser.add_argument("--dump", metavar="DIR", help="write every cubin, SASS and PTX to DIR with an index.json")
+    parser.add_argument("--row-cache", metavar="PATH",
+                        help="JSON-lines file of compiled rows to reuse and extend (same kernel source and Triton)")
+    parser.add_argument("--capabilities", type=lambda text: [int(c) for c in text.split(",")],
+                        help=f"comma-separated targets (default: all of {list(CAPABILITIES)})")
+    parser.add_argument("--pick", metavar="TABLE_PY",
+                        help="pick the table instead: compile the candidates of every row and write the vetted "
+                             "tiles to TABLE_PY (kernels/config_table.py)")
+    ints = lambda text: [int(c) for c in text.split(",")]  # noqa: E731
+    parser.add_argument("--head-dims", type=ints, help="with --pick: the head-dim buckets to pick (default: all)")
+    parser.add_argument("--element-sizes", type=ints, help="with --pick: 2 and/or 4 (default: both)")
+    parser.add_argument("--table-variants", type=lambda text: text.split(","),
+                        help=f"with --pick: variant keys (default: all of {list(TABLE_VARIANTS)})")
     args = parser.parse_args(argv)
     try:
+        if args.pick:
+            results = pick_table(capabilities=args.capabilities or CAPABILITIES, workers=args.workers,
+                                 head_dims=args.head_dims or (16, 32, 64, 128, 256),
+                                 element_sizes=args.element_sizes or (2, 4),
+                                 variants=args.table_variants or TABLE_VARIANTS,
+                                 kernel_module=args.kernel_module, row_cache=args.row_cache, log=sys.stdout)
+            write_table(results, args.pick)
+            failed = [f"{key} {kernel}" for key, by_kernel in results.items() for kernel, r in by_kernel.items()
+                      if not r.passed]
+            print(f"wrote {args.pick}: {len(results)} rows; nothing passed for: {failed or 'none'}")
+            return 1 if failed else 0
+        jobs = build_variant_jobs() if args.variants else None
+        if jobs is None and args.capabilities:
+            jobs = [job for job in _all_table_jobs(None, fp32_tf32=args.fp32_tf32, variant=args.variant)
+                    if job.capability in args.capabilities]
         report = run_report(workers=args.workers, fp32_tf32=args.fp32_tf32, variant=args.variant,
-                            cache_dir=args.cache_dir, kernel_module=args.kernel_module,
-                            jobs=build_variant_jobs() if args.variants else None)
+                            cache_dir=args.cache_dir, kernel_module=args.kernel_module, jobs=jobs,
+                            dump_dir=args.dump, row_cache=args.row_cache)
     except ReportEnvironmentError as exc:
         print(f"kernel_report: {exc}", file=sys.stderr)
         return ENV_ERROR_EXIT
+    if args.variants:
+        # Diagnostic rows: the plain tiles with other flags on; their findings are recorded.
+        for row in report.rows:
+            row.notes += [f"(recorded) {failure}" for failure in row.failures]
+            row.failures = []
     print(format_markdown(report.rows))
+    print()
+    print(format_summary(report.rows))
     failed = [row for row in report.rows if not row.ok]
     print(f"\n{len(report.rows)} kernels ({args.variant} head dims) compiled for capabilities "
           f"{sorted({row.job.capability for row in report.rows})} with Triton {report.triton_version} "
-          f"in {report.seconds:.1f} s; {len(failed)} failed checks, "
-          f"{sum(1 for row in report.rows if row.ok and row.known_spill)} known spills (configs.KNOWN_SPILLS)")
+          f"in {report.seconds:.1f} s; {len(failed)} failed checks")
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=1) + "\n")
     return 1 if failed else 0

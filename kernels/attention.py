@@ -221,7 +221,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr,
                     MASK_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                     BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    SCALE_POSITIVE: tl.constexpr):
     k_offsets = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offsets = offs_n[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(tile_start, tile_end, BLOCK_N):
@@ -235,16 +236,24 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
-        qk, _ = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
-                        softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
-                        window_left, window_right, MASKED, False, MASK_LEFT, MASK_RIGHT, BIAS_KIND, HAS_ALIBI,
-                        HAS_SOFTCAP)
         # tl.max skips NaN (on the GPU and in the interpreter), so m is never NaN; a NaN score still
         # makes p, l and acc NaN below. A row whose keys so far are all -inf keeps m = -inf:
         # subtract 0 so exp2 gives 0, not NaN.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_base[:, None])
+        if (not MASKED) and (not HAS_SOFTCAP) and (not HAS_ALIBI) and (BIAS_KIND == 0) and SCALE_POSITIVE:
+            # Plain scores in the hot loop: for a scale c > 0 the row max of s * c is max(s) * c (the
+            # same float, rounding is monotonic), so exp2(s * c - m) is one FMA per score instead of
+            # a multiply and a subtract.
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s * qk_scale_log2 - m_base[:, None])
+        else:
+            qk, _ = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
+                            softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
+                            window_left, window_right, MASKED, False, MASK_LEFT, MASK_RIGHT, BIAS_KIND, HAS_ALIBI,
+                            HAS_SOFTCAP)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_base[:, None])
         alpha = tl.math.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
@@ -278,7 +287,7 @@ def _attn_fwd(
     LIMIT_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
     EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, LIMIT_LEFT: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
-    IS_VARLEN: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr = False, SCALE_POSITIVE: tl.constexpr = True,
 ):
     """One program computes one BLOCK_M tile of queries of one (batch, query head)."""
     pid = tl.program_id(0)
@@ -326,20 +335,20 @@ def _attn_fwd(
             alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, lo, tl.minimum(unmasked_lo, hi), seq_q, seq_k,
             head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
             dropout_p, dropout_seed, batch, head, BLOCK_N, True, True, LIMIT_RIGHT, EVEN_D, EVEN_DV,
-            BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+            BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
         alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, unmasked_lo, unmasked_hi, seq_q, seq_k,
         head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
         dropout_p, dropout_seed, batch, head, BLOCK_N, False, False, False, EVEN_D, EVEN_DV,
-        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE)
     # tiles crossing the right edge (the causal diagonal) and the ragged end of the keys
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
         alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, tl.maximum(unmasked_lo, unmasked_hi), hi, seq_q, seq_k,
         head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
         dropout_p, dropout_seed, batch, head, BLOCK_N, True, False, LIMIT_RIGHT, EVEN_D, EVEN_DV,
-        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE)
 
     # A row with no visible key returns 0 and an lse of -inf. The band and the mask leave it
     # l = 0 exactly (p = 0 everywhere), while a visible key gives l >= 1 and a NaN score makes l

@@ -1,15 +1,24 @@
-"""The one table of launch configs for the attention kernels.
+"""The launch configs of the attention kernels: which tile each GPU gets.
 
-A config is chosen by GPU capability, padded head dim (the larger of the q/k and v dims,
-rounded up to a power of two, at least 16) and element size. Every entry here is compiled
-for capability 80 and 90 by `python -m fused_attn.kernel_report`, and a test checks that each
-fits the card's shared memory, spills no registers (except the rows in KNOWN_SPILLS), and uses
-warpgroup MMA on capability 90.
+A config is chosen by table row (a GPU capability, see TARGETS), head-dim bucket (the larger of
+the q/k and v head dims rounded up to a power of two, at least 16), element size (2 for fp16/bf16,
+4 for fp32) and variant ("plain", "mask": a float or bool attn_mask, "dropout", "all": both).
+For each of the three kernels the table holds a short list of vetted tiles, best first: the first
+is what runs by default; the rest are the candidates `fused_attn.tune` times on the user's GPU and
+the fallbacks a launch that runs out of resources retries with.
+
+The lists are generated (`kernels/config_table.py`) by `python -m fused_attn.kernel_report --pick`,
+which compiles candidates for every target on a CPU (no GPU needed) and keeps, largest tile first,
+the ones whose hot loop wastes no tensor-core work (executed/useful MMA FLOPs = 1), uses wgmma with
+N >= 32 on capability 90, touches no local memory, and fits the target's shared memory, with the
+head dim both masked and exact (EVEN_D False and True). Nothing in it was timed on a GPU yet.
 Under the Triton interpreter one small config is pinned: autotuning there would run every config.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from fused_attn.kernels.config_table import PICKED
 
 
 @dataclass(frozen=True)
@@ -31,91 +40,42 @@ class AttentionConfigs:
     backward_dq: KernelConfig
 
 
+@dataclass(frozen=True)
+class Target:
+    """A table row: the GPUs it is compiled for and what limits their tiles."""
+
+    capability: int  # major * 10 + minor of the compile target
+    shared_memory: int  # largest dynamic shared memory one block may opt into, bytes
+    cards: str
+    tensor_cores: bool  # False: Triton lowers tl.dot to FMA on this target
+    bf16: bool  # the card has bf16 arithmetic
+
+
+TARGETS: dict[int, Target] = {t.capability: t for t in (
+    Target(75, 65_536, "T4, RTX 20xx, Quadro RTX (Turing)", tensor_cores=False, bf16=False),
+    Target(80, 166_912, "A100, A30, A800 (and sm_87 Jetson Orin)", tensor_cores=True, bf16=True),
+    Target(86, 101_376, "RTX 30xx, A10, A40, RTX A6000; sm_89 RTX 40xx, L4, L40S", tensor_cores=True, bf16=True),
+    Target(90, 232_448, "H100, H200, GH200 (Hopper)", tensor_cores=True, bf16=True),
+    Target(100, 232_448, "B200, GB200, B300 (datacenter Blackwell)", tensor_cores=True, bf16=True),
+    Target(120, 101_376, "RTX 50xx, RTX PRO 6000 Blackwell (consumer Blackwell)", tensor_cores=True, bf16=True),
+)}
+"""Shared-memory limits: CUDA's per-block opt-in maximum of each compute capability."""
+
+CAPABILITIES = tuple(TARGETS)
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
-CAPABILITIES = (80, 90)
 ELEMENT_SIZES = (2, 4)
-
-# Blocks must be multiples of 16 (tl.dot) and powers of two (tl.arange). For warpgroup MMA on
-# capability 90 the M side of every dot must be 64 per warpgroup: block_m for the forward and dQ
-# kernels, block_n for the dK/dV kernel (k @ q^T, p^T @ do, v @ do^T, ds^T @ q), so those stay >= 64.
-#
-# Every entry was picked with `python -m fused_attn.kernel_report` (Triton 3.9, ptxas 12.9 for
-# sm_80 and 13.x for sm_90): the largest tile, in the order FlashAttention-2 and the Triton tutorial
-# prefer, that spills nothing in what the kernels are launched with: causal, head dims and strides
-# multiples of 16 (the launcher copies any other input into a zero-padded buffer), head dim masked
-# (EVEN_D False, e.g. 80 in a 128 block). What limits the tiles is registers, not shared memory.
-_TABLE: dict[tuple[int, int, int], AttentionConfigs] = {}
+KERNELS = ("forward", "backward_dkdv", "backward_dq")
+VARIANTS = ("plain", "mask", "dropout", "all")
+"""Variant keys: the tile can change with a user mask (read per tile, plus dS stored for its
+gradient) and with dropout (Philox per element); window, ALiBi, softcap and packed input use the
+plain tiles (`kernel_report --variants` records what they compile to)."""
 
 
-def _fill_table() -> None:
-    def cfg(m: int, n: int, w: int, s: int) -> KernelConfig:
-        return KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
-
-    # (forward, backward_dkdv, backward_dq) per head-dim bucket.
-    table: dict[tuple[int, int], dict[int, tuple[KernelConfig, KernelConfig, KernelConfig]]] = {
-        # fp16/bf16 on A100. Forward: 128-row tiles as in FlashAttention-2, 8 warps from D=64 on
-        # (4 warps spill the 128x64 accumulator + scores); 3 stages fit easily in 163 KB.
-        # dK/dV holds two fp32 accumulators of block_n x D: wide key tiles for small D, block_m 16
-        # and narrower key tiles as D grows. dQ: 128x32 like the tutorial while it fits.
-        (80, 2): {
-            16: (cfg(128, 64, 4, 3), cfg(32, 128, 8, 2), cfg(128, 32, 8, 2)),
-            32: (cfg(128, 64, 4, 3), cfg(32, 128, 8, 2), cfg(128, 32, 8, 2)),
-            64: (cfg(128, 64, 8, 3), cfg(16, 64, 8, 1), cfg(128, 32, 8, 2)),
-            128: (cfg(128, 64, 8, 3), cfg(16, 32, 8, 2), cfg(64, 16, 8, 2)),
-            256: (cfg(64, 16, 8, 2), cfg(16, 32, 8, 2), cfg(32, 16, 8, 2)),
-        },
-        # fp32 on A100, for both input_precision='ieee' (FMA dots: operands held whole in registers,
-        # so tiles are small and 8 warps spread them) and 'tf32' (mma). One stage: no pipelining
-        # buffers. The exact-fp32 path is a correctness path, not a fast one.
-        (80, 4): {
-            16: (cfg(64, 32, 4, 2), cfg(16, 32, 8, 1), cfg(64, 16, 8, 1)),
-            32: (cfg(64, 32, 8, 2), cfg(32, 32, 8, 1), cfg(64, 16, 8, 1)),
-            64: (cfg(64, 32, 8, 2), cfg(16, 16, 4, 1), cfg(64, 16, 8, 1)),
-            # dK/dV: 2 stages (1 stage spills 32 B with ieee dots). dQ: 64x32 (64x16 spills 16 B with
-            # ieee dots since the variant flags; ptxas caps it at 128 registers).
-            128: (cfg(32, 32, 8, 1), cfg(16, 32, 8, 2), cfg(64, 32, 8, 1)),
-            256: (cfg(16, 16, 8, 1), cfg(16, 32, 8, 1), cfg(16, 16, 8, 1)),
-        },
-        # fp16/bf16 on H100: block_m (fwd, dQ) and block_n (dK/dV) >= 64 for HGMMA. Forward 128x64 x
-        # 8 warps (two warpgroups of 64 rows), 3 stages; 128x128 spills. dK/dV 64 keys x 8 warps
-        # splits the two accumulators over two warpgroups.
-        (90, 2): {
-            16: (cfg(128, 64, 4, 3), cfg(32, 128, 8, 2), cfg(128, 32, 8, 2)),
-            32: (cfg(128, 64, 4, 3), cfg(32, 128, 8, 2), cfg(128, 32, 8, 2)),
-            # dK/dV: 32x64 (64x64 sits at 255 registers and spills 8 B since the variant flags).
-            64: (cfg(128, 64, 8, 3), cfg(32, 64, 8, 2), cfg(128, 32, 8, 2)),
-            # dK/dV: 16x64 x 8 warps at 3 stages is the only spill-free HGMMA tile (~251 registers;
-            # 1 stage spills 40 B, 32x64 and 16x128 spill too).
-            128: (cfg(128, 64, 8, 3), cfg(16, 64, 8, 3), cfg(64, 32, 8, 2)),
-            # dK/dV: spills in every HGMMA tile (two 64x256 fp32 accumulators are half the register
-            # file; see KNOWN_SPILLS); 16x64 x 8 warps, 3 stages spills least (~400 B).
-            256: (cfg(64, 32, 8, 2), cfg(16, 64, 8, 3), cfg(128, 32, 8, 2)),
-        },
-        # fp32 on H100: as on A100 (HGMMA is not required for fp32; tf32 dots use it anyway).
-        # Forward at D<=32: 8 warps (4 warps spill 8-16 B with ieee dots on sm_90).
-        (90, 4): {
-            16: (cfg(64, 32, 8, 2), cfg(16, 32, 8, 1), cfg(64, 16, 8, 1)),
-            32: (cfg(64, 32, 8, 2), cfg(16, 64, 8, 1), cfg(64, 16, 8, 1)),
-            64: (cfg(64, 16, 8, 1), cfg(16, 32, 8, 1), cfg(64, 16, 8, 1)),
-            128: (cfg(32, 32, 8, 1), cfg(32, 32, 8, 1), cfg(32, 16, 8, 1)),
-            # dQ: 16x32 (32x16 spills 16 B with ieee dots since the variant flags).
-            256: (cfg(16, 16, 8, 1), cfg(16, 16, 8, 1), cfg(16, 32, 8, 1)),
-        },
-    }
-    for (cap, size), by_dim in table.items():
-        for d, (fwd, dkdv, dq) in by_dim.items():
-            _TABLE[(cap, d, size)] = AttentionConfigs(fwd, dkdv, dq)
-    assert {key[:2] for key in _TABLE} == {(c, d) for c in CAPABILITIES for d in HEAD_DIM_BUCKETS}
-
-
-_fill_table()
-
-# Under the interpreter large tiles mean fewer NumPy calls; 32 keeps several tiles in small tests.
-INTERPRETER_CONFIGS = AttentionConfigs(
-    forward=KernelConfig(32, 32, 4, 1),
-    backward_dkdv=KernelConfig(32, 32, 4, 1),
-    backward_dq=KernelConfig(32, 32, 4, 1),
-)
+def variant_key(has_mask: bool, has_dropout: bool) -> str:
+    """The table's variant key for a call with / without an attn_mask and dropout."""
+    if has_mask and has_dropout:
+        return "all"
+    return "mask" if has_mask else "dropout" if has_dropout else "plain"
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -126,16 +86,57 @@ def head_dim_bucket(head_dim: int) -> int:
     return bucket
 
 
-def lookup(capability: int, padded_head_dim: int, element_size: int) -> AttentionConfigs:
-    """Config for a GPU of `capability` (major * 10 + minor); newer cards use the 90 row."""
-    cap = 90 if capability >= 90 else 80
-    size = 4 if element_size >= 4 else 2
-    return _TABLE[(cap, head_dim_bucket(padded_head_dim), size)]
+def table_capability(capability: int, shared_memory: int | None = None) -> int:
+    """The table row for a GPU of `capability` (major * 10 + minor) with `shared_memory` bytes
+    per block (None: the row's own limit is assumed to fit): the newest row not newer than the
+    card whose tiles fit its shared memory. sm_89 gets the sm_86 row, sm_103 the sm_100 row,
+    sm_121 the sm_120 row; a card older than every row gets the oldest."""
+    fitting = [cap for cap, target in TARGETS.items()
+               if cap <= capability and (shared_memory is None or target.shared_memory <= shared_memory)]
+    return max(fitting) if fitting else min(TARGETS)
 
 
-def all_configs() -> dict[tuple[int, int, int], AttentionConfigs]:
-    """Every shipped (capability, head-dim bucket, element size) -> configs entry."""
-    return dict(_TABLE)
+def _kernel_config(entry: tuple[int, int, int, int]) -> KernelConfig:
+    return KernelConfig(*entry)
+
+
+def candidates(capability: int, head_dim: int, element_size: int, variant: str = "plain",
+               shared_memory: int | None = None) -> dict[str, tuple[KernelConfig, ...]]:
+    """Vetted tiles of each kernel ("forward", "backward_dkdv", "backward_dq"), best first, for a
+    GPU of `capability` with `shared_memory` bytes per block and a head dim (the larger of q/k
+    and v) of `head_dim`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    key = (table_capability(capability, shared_memory), head_dim_bucket(head_dim),
+           4 if element_size >= 4 else 2, variant)
+    return {kernel: tuple(_kernel_config(e) for e in entries) for kernel, entries in zip(KERNELS, PICKED[key])}
+
+
+def lookup(capability: int, head_dim: int, element_size: int, variant: str = "plain",
+           shared_memory: int | None = None) -> AttentionConfigs:
+    """The table's choice (the first candidate of each kernel)."""
+    by_kernel = candidates(capability, head_dim, element_size, variant, shared_memory)
+    return AttentionConfigs(*(by_kernel[kernel][0] for kernel in KERNELS))
+
+
+def all_configs() -> dict[tuple[int, int, int, str], AttentionConfigs]:
+    """Every shipped (capability, head-dim bucket, element size, variant) -> the table's choice."""
+    return {key: AttentionConfigs(*(_kernel_config(entries[0]) for entries in value))
+            for key, value in PICKED.items()}
+
+
+def all_candidates() -> dict[tuple[int, int, int, str], dict[str, tuple[KernelConfig, ...]]]:
+    """Every shipped row -> each kernel's vetted tiles, best first."""
+    return {key: {kernel: tuple(_kernel_config(e) for e in entries) for kernel, entries in zip(KERNELS, value)}
+            for key, value in PICKED.items()}
+
+
+# Under the interpreter large tiles mean fewer NumPy calls; 32 keeps several tiles in small tests.
+INTERPRETER_CONFIGS = AttentionConfigs(
+    forward=KernelConfig(32, 32, 4, 1),
+    backward_dkdv=KernelConfig(32, 32, 4, 1),
+    backward_dq=KernelConfig(32, 32, 4, 1),
+)
 
 
 def preprocess_block_m(block_dv: int, element_size: int) -> int:
@@ -146,16 +147,3 @@ def preprocess_block_m(block_dv: int, element_size: int) -> int:
     spills 8 B)."""
     budget = 16384 if element_size <= 2 else 8192
     return max(8, min(64, budget // (block_dv * element_size)))
-
-
-KNOWN_SPILLS: dict[tuple[int, int, str], str] = {
-    (90, 256, "dkdv"): (
-        "fp16/bf16 dK/dV at head dim 256 on H100 spills in every tile that keeps HGMMA (block_n >= "
-        "64): the two 64 x 256 fp32 accumulators alone take 128 of the 255 registers per thread at "
-        "8 warps (256 at 4); tried 16/32/64 x 64 and 16 x 128, 4 and 8 warps, 1-3 stages. Needs a "
-        "kernel change (e.g. split dK and dV, or a D-split of the accumulators)."),
-}
-"""(capability, head-dim bucket, kernel) -> why, for the fp16/bf16 kernels (fp32 rows must pass) that spill registers in
-every tile that keeps warpgroup MMA. The kernel report marks these rows "known spill" instead of
-failing them; tests/test_compile.py checks they still compile, fit shared memory, use HGMMA and
-really spill (remove an entry once it no longer does)."""

@@ -95,6 +95,25 @@ def test_default_and_explicit_scale(device: str) -> None:
     assert not torch.allclose(fused_attn.attention(q, k, v, scale=0.3), fused_attn.attention(q, k, v))
 
 
+@pytest.mark.parametrize("scale", [-4.0, -0.01, 0.0])
+def test_zero_and_negative_scales(scale: float, device: str) -> None:
+    """The forward's hot loop takes the row max before scaling (one FMA per score), which holds
+    for positive scales only: zero and negative scales take the general path. Scores of +-100
+    make a wrong row max overflow exp2."""
+    case = Case(1, 2, 2, 29, 41, 24, 24, False, torch.float32)
+    q, k, v, _ = make_inputs(case, device)
+    q = (q * 3).requires_grad_()
+    got = fused_attn.attention(q, k, v, scale=scale)
+    want = fused_attn.reference.attention(q.double(), k.double(), v.double(), scale=scale)
+    assert torch.isfinite(got).all()
+    assert (got.double() - want).abs().max().item() < 1e-4  # scores of +-100 in float32
+    got.sum().backward()
+    dq = q.grad.clone()
+    q.grad = None
+    want.sum().backward()
+    assert (dq.double() - q.grad.double()).abs().max().item() < 1e-4 * max(1.0, q.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_is_bitwise_deterministic(dtype: torch.dtype, device: str) -> None:
     q, k, v, do = make_inputs(Case(2, 4, 2, 70, 90, 40, 40, True, dtype), device)

@@ -1,11 +1,22 @@
-"""Every shipped config compiles for A100 (capability 80) and H100 (90) without a GPU, spills no
-registers (except the fp16/bf16 rows listed in configs.KNOWN_SPILLS, which must still spill, compile,
-fit and use HGMMA), fits the card's shared memory and, on 90, uses warpgroup MMA (HGMMA) for
-fp16/bf16. Compiled as the launcher runs them: head dims and strides multiples of 16 (aligned).
+"""The compile report: every tile the config table ships (first choices and the vetted
+alternatives the tuner and the out-of-resources retry may launch), on every target it ships for,
+with the head dim masked and exact, passes the speed checks: executed/useful MMA FLOPs = 1 in the
+hot (unmasked) loop, wgmma N >= 32 on capability 90, no local memory inside that loop, shared
+memory within the card's limit (see fused_attn/kernel_report.py).
 
-The checks run `python -m fused_attn.kernel_report` in a fresh process: this process runs with
-TRITON_INTERPRET=1 (tests/conftest.py), under which the kernels are not JITFunctions and cannot
-be compiled for a GPU target.
+Compiling everything takes about an hour on two cores, so the report is committed
+(`bench/results/kernel_report.json`, regenerated with `python -m fused_attn.kernel_report --json
+...` whenever the kernels or the table change) and these tests
+
+- fail when the committed report is stale (its fingerprint of the kernel source and the table
+  differs from the code's) or does not cover a shipped tile, or when any of its rows fails a check
+  (re-checked here from the raw figures, not from the report's verdict);
+- recompile a sample of rows here, with this Triton, and require the same verdict and figures, so
+  the committed file is what the compiler says;
+- show the checks catch what issue 12 found (the old H100 dK/dV and dQ tiles fail).
+
+The checks run in a fresh process: this one runs with TRITON_INTERPRET=1 (tests/conftest.py),
+under which the kernels are not JITFunctions and cannot be compiled for a GPU target.
 """
 from __future__ import annotations
 
@@ -19,7 +30,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPECTED_SHARED_LIMITS = {80: 166_912, 90: 232_448}
+REPORT = ROOT / "bench" / "results" / "kernel_report.json"
+EXPECTED_SHARED_LIMITS = {75: 65_536, 80: 166_912, 86: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
 REPORT_TIMEOUT_S = 900
 
 
@@ -33,111 +45,189 @@ def _missing_nvidia_tools() -> list[str]:
     return missing
 
 
-def _row_id(row: dict) -> str:
-    return (f"cap{row['capability']}-d{row['head_dim']}-{row['dtype']}-{row['input_precision']}-{row['kernel']}"
-            f"-{row['block_m']}x{row['block_n']}-w{row['num_warps']}-s{row['num_stages']}")
-
-
-@pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def _skip_without_tools() -> None:
     missing = _missing_nvidia_tools()
     if missing:
         pytest.skip(f"Triton's NVIDIA backend tools ({', '.join(missing)}) are not installed under "
                     "triton/backends/nvidia/bin: cannot compile for CUDA targets")
-    out = tmp_path_factory.mktemp("kernel_report") / "report.json"
+
+
+def _row_id(row: dict) -> str:
+    return row.get("name") or (f"cap{row['capability']}-d{row['head_dim']}-{row['dtype']}-{row['input_precision']}"
+                               f"-{row['kernel']}-{row['block_m']}x{row['block_n']}-w{row['num_warps']}-s{row['num_stages']}")
+
+
+def _run_python(script: str) -> str:
+    """Run `script` in a fresh process without the interpreter; return its last stdout line."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "fused_attn.kernel_report", "--json", str(out)],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=REPORT_TIMEOUT_S)
-    assert result.returncode in (0, 1), (
-        f"kernel_report could not run (exit {result.returncode}):\n{result.stderr[-4000:]}")
-    assert out.exists(), f"kernel_report wrote no JSON:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    data = json.loads(out.read_text())
-    data["returncode"] = result.returncode
-    data["stdout"] = result.stdout
-    return data
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=REPORT_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout.strip().splitlines()[-1]
 
 
-def _known_spill_key(row: dict) -> tuple[int, int, str] | None:
-    """The KNOWN_SPILLS key of `row`, or None: the entries cover fp16/bf16 rows only."""
-    from fused_attn.kernels.configs import KNOWN_SPILLS
-
-    key = (row["capability"], row["head_dim"], row["kernel"])
-    return key if row["dtype"] in ("fp16", "bf16") and key in KNOWN_SPILLS else None
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    assert REPORT.exists(), f"{REPORT} is missing: run python -m fused_attn.kernel_report --json {REPORT}"
+    return json.loads(REPORT.read_text())
 
 
-def _spills(row: dict) -> bool:
-    return bool(row["spills"] or row["spill_instructions"])
+def _problems(row: dict) -> list[str]:
+    """The speed checks, from the row's raw figures."""
+    name, loop = _row_id(row), row["hot_loop"]
+    if not row["compiled"]:
+        return [f"{name}: does not compile: {row['error']}"]
+    problems = []
+    if row["shared"] + row["static_shared"] > EXPECTED_SHARED_LIMITS[row["capability"]]:
+        problems.append(f"{name}: {row['shared']} + {row['static_shared']} B shared memory > "
+                        f"{EXPECTED_SHARED_LIMITS[row['capability']]} B")
+    if row["kernel"] == "preprocess":
+        return problems
+    if loop is None:
+        return problems + [f"{name}: no hot loop found"]
+    if loop["local_memory"]:
+        problems.append(f"{name}: {loop['local_memory']} LDL/STL in the hot loop")
+    tensor_cores = row["capability"] != 75 and (row["dtype"] != "fp32" or row["input_precision"] == "tf32")
+    if tensor_cores and loop["executed_flops"] is not None:
+        useful = {"fwd": 4, "dkdv": 8, "dq": 6}[row["kernel"]] * row["block_m"] * row["block_n"] * row["head_dim"]
+        if loop["executed_flops"] != useful:
+            problems.append(f"{name}: executed/useful MMA FLOPs {loop['executed_flops'] / useful:.2f}")
+    if tensor_cores and loop["executed_flops"] is None and row["capability"] != 100:
+        problems.append(f"{name}: MMA shapes unknown outside sm_100")
+    if row["capability"] == 90 and row["dtype"] in ("fp16", "bf16"):
+        if not loop["wgmma_n"] or min(loop["wgmma_n"]) < min(32, row["head_dim"]):
+            problems.append(f"{name}: wgmma N {loop['wgmma_n']} in the hot loop (need >= 32)")
+    return problems
+
+
+def test_committed_report_is_current(committed: dict) -> None:
+    from fused_attn import kernel_report
+
+    assert committed["fingerprint"] == kernel_report.fingerprint(), (
+        "bench/results/kernel_report.json was made for other kernels or another config table: regenerate it "
+        "(python -m fused_attn.kernel_report --json bench/results/kernel_report.json) and commit it")
+
+
+def test_committed_report_covers_every_shipped_tile_on_every_target(committed: dict) -> None:
+    from dataclasses import asdict
+
+    from fused_attn import kernel_report
+    from fused_attn.kernels.configs import CAPABILITIES
+
+    fields = set(kernel_report.CompileJob.__dataclass_fields__)
+    have = {json.dumps({k: (list(v) if k == "features" else v) for k, v in row.items() if k in fields},
+                       sort_keys=True) for row in committed["rows"]}
+    expected = kernel_report._all_table_jobs(None, fp32_tf32=True, variant="aligned")
+    missing = [job.name for job in expected
+               if json.dumps({k: (list(v) if k == "features" else v) for k, v in asdict(job).items()},
+                             sort_keys=True) not in have]
+    assert not missing, f"{len(missing)} shipped kernels are not in the committed report, e.g. {missing[:5]}"
+    assert {row["capability"] for row in committed["rows"]} == set(CAPABILITIES)
+    assert {row["even_d"] for row in committed["rows"]} == {False, True}
+
+
+def test_every_committed_row_passes_the_speed_checks(committed: dict) -> None:
+    problems = [p for row in committed["rows"] for p in _problems(row)]
+    assert not problems, f"{len(problems)} of {len(committed['rows'])} kernels fail:\n" + "\n".join(problems[:40])
+    assert committed["ok"], "the report's own verdict disagrees with the checks"
+
+
+_SAMPLE_SCRIPT = """
+import json
+from fused_attn import kernel_report as kr
+from fused_attn.kernels.configs import candidates
+kr.check_environment(kr.DEFAULT_KERNEL_MODULE)
+jobs = []
+for cap, d, size, variant, kernel, dtypes in [
+        (90, 128, 2, "plain", "fwd", ("bf16",)), (90, 128, 2, "plain", "dkdv", ("bf16",)),
+        (90, 64, 2, "plain", "dq", ("fp16",)), (80, 128, 2, "mask", "dkdv", ("bf16",)),
+        (120, 256, 2, "plain", "dq", ("bf16",)), (86, 64, 4, "plain", "fwd", ("fp32",)),
+        (100, 128, 2, "dropout", "dkdv", ("bf16",)), (75, 64, 2, "plain", "fwd", ("fp16",))]:
+    table_kernel = {"fwd": "forward", "dkdv": "backward_dkdv", "dq": "backward_dq"}[kernel]
+    cfg = candidates(cap, d, size, variant)[table_kernel][0]
+    jobs += kr.jobs_for_tile(cap, d, size, kernel, cfg, variant, dtypes=dtypes)
+print(json.dumps([r.as_dict() for r in kr.run_report(jobs=jobs, workers=2).rows]))
+"""
 
 
 @pytest.mark.compile
-def test_every_kernel_of_every_config_compiles_without_spills(report: dict) -> None:
-    from fused_attn.kernels.configs import all_configs
+def test_a_sample_recompiles_to_the_committed_figures(committed: dict) -> None:
+    """Every target, both head-dim cases, 16-bit and fp32, table variants: compiled here, the
+    checks pass and, under the Triton version the report was made with, registers, shared memory
+    and the hot loop match the committed rows."""
+    import triton
 
-    rows = report["rows"]
-    assert report["variant"] == "aligned"
-    expected = {(cap, d) for cap, d, _size in all_configs()}
-    assert {(row["capability"], row["head_dim"]) for row in rows} == expected
-    assert {row["kernel"] for row in rows} == {"fwd", "preprocess", "dkdv", "dq"}
-    assert {row["dtype"] for row in rows} == {"fp16", "bf16", "fp32"}
-
-    problems = []
+    _skip_without_tools()
+    rows = json.loads(_run_python(_SAMPLE_SCRIPT))
+    assert {row["capability"] for row in rows} == set(EXPECTED_SHARED_LIMITS)
+    committed_by_name = {row["name"]: row for row in committed["rows"]}
     for row in rows:
-        limit = EXPECTED_SHARED_LIMITS[row["capability"]]
-        name = _row_id(row)
-        if not row["compiled"]:
-            problems.append(f"{name}: does not compile: {row['error']}")
-            continue
-        if _spills(row) and _known_spill_key(row) is None:
-            problems.append(f"{name}: spills (STACK {row['stack_bytes']}, LOCAL {row['local_bytes']}, "
-                            f"{row['spill_instructions']} LDL/STL) at {row['registers']} registers "
-                            "(not in configs.KNOWN_SPILLS: retune the entry)")
-        if row["shared"] + row["static_shared"] > limit:
-            problems.append(f"{name}: {row['shared']} + {row['static_shared']} B shared memory > {limit} B")
-        needs_hgmma = (row["capability"] == 90 and row["dtype"] in ("fp16", "bf16")
-                       and row["kernel"] in ("fwd", "dkdv", "dq"))
-        if needs_hgmma and not row["hgmma"] > 0:
-            problems.append(f"{name}: no HGMMA on capability 90 ({row['hmma']} HMMA)")
-    assert not problems, f"{len(problems)} of {len(rows)} kernels fail:\n" + "\n".join(problems)
-    # The report's own verdict agrees with the checks above.
-    assert report["ok"] and report["returncode"] == 0, report["stdout"][-3000:]
+        assert not _problems(row), _problems(row)
+        assert row["ok"], (row["name"], row["failures"])
+        if committed["triton_version"] == triton.__version__:
+            want = committed_by_name.get(row["name"])
+            if row["dtype"] == "fp16" and row["capability"] != 75 and want is None:
+                continue  # the report compiles bf16 for the 16-bit rows (the same tiles and MMA shapes)
+            assert want is not None, f"{row['name']} is not in the committed report"
+            for key in ("registers", "shared", "hot_loop"):
+                assert row[key] == want[key], (row["name"], key, row[key], want[key])
+
+
+_OLD_TILES_SCRIPT = """
+import json
+from fused_attn import kernel_report as kr
+from fused_attn.kernels.configs import KernelConfig
+jobs = [kr.CompileJob(90, 128, "bf16", "dkdv", 16, 64, 8, 3, "tf32"),
+        kr.CompileJob(90, 128, "bf16", "dq", 64, 32, 8, 2, "tf32"),
+        kr.CompileJob(80, 128, "bf16", "dkdv", 16, 32, 8, 2, "tf32")]
+print(json.dumps([r.as_dict() for r in kr.run_report(jobs=jobs, workers=1, dump_dir=%r).rows]))
+"""
 
 
 @pytest.mark.compile
-def test_known_spills_are_current_and_keep_hgmma(report: dict) -> None:
-    """Every KNOWN_SPILLS entry names shipped fp16/bf16 rows that compile, fit shared memory, use
-    HGMMA and really spill; an entry that no longer spills is stale and must be removed."""
-    from fused_attn.kernels.configs import KNOWN_SPILLS, all_configs
+def test_the_checks_catch_the_tiles_issue_12_found(tmp_path: Path) -> None:
+    """The tiles shipped before issue 12 waste tensor-core work: H100 dK/dV 16x64 and dQ 64x32 at
+    8 warps execute 1.5x and 1.67x the useful MMA FLOPs with n8 / n16 wgmma, A100 dK/dV 16x32 2.5x.
+    `--dump` writes each cubin with an index."""
+    _skip_without_tools()
+    rows = json.loads(_run_python(_OLD_TILES_SCRIPT % str(tmp_path)))
+    ratios = [round(row["mma_ratio"], 2) for row in rows]
+    assert ratios == [1.5, 1.67, 2.5]
+    assert min(rows[0]["hot_loop"]["wgmma_n"]) == 8 and min(rows[1]["hot_loop"]["wgmma_n"]) == 16
+    assert all(not row["ok"] for row in rows)
+    assert any("wgmma N=8" in failure for failure in rows[0]["failures"])
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [entry["name"] for entry in index] == [row["name"] for row in rows]
+    for entry in index:
+        cubin = tmp_path / entry["files"]["cubin"]
+        assert cubin.stat().st_size > 1000 and "HGMMA" in (tmp_path / entry["files"]["sass"]).read_text() or \
+            entry["capability"] == 80
 
-    rows_by_key: dict[tuple[int, int, str], list[dict]] = {}
-    for row in report["rows"]:
-        key = _known_spill_key(row)
-        if key is not None:
-            rows_by_key.setdefault(key, []).append(row)
-    problems = []
-    for key, reason in KNOWN_SPILLS.items():
-        capability, head_dim, kernel = key
-        assert reason.strip(), f"KNOWN_SPILLS{key} has no reason"
-        assert kernel in ("fwd", "dkdv", "dq"), f"KNOWN_SPILLS{key}: unknown kernel {kernel!r}"
-        assert (capability, head_dim, 2) in all_configs(), f"KNOWN_SPILLS{key}: no such fp16/bf16 config"
-        rows = rows_by_key.get(key, [])
-        assert {row["dtype"] for row in rows} == {"fp16", "bf16"}, f"KNOWN_SPILLS{key}: rows missing"
-        for row in rows:
-            name = _row_id(row)
-            if not row["compiled"]:
-                problems.append(f"{name}: does not compile: {row['error']}")
-                continue
-            if not _spills(row):
-                problems.append(f"{name}: KNOWN_SPILLS{key} is stale: the row no longer spills "
-                                f"({row['registers']} registers); remove it from kernels/configs.py")
-            limit = EXPECTED_SHARED_LIMITS[capability]
-            if row["shared"] + row["static_shared"] > limit:
-                problems.append(f"{name}: {row['shared']} + {row['static_shared']} B shared memory > {limit} B")
-            if capability >= 90 and not row["hgmma"] > 0:
-                problems.append(f"{name}: no HGMMA ({row['hmma']} HMMA): a spill-free non-HGMMA tile is "
-                                "not what KNOWN_SPILLS allows")
-            if not row["ok"] or row.get("known_spill") != reason:
-                problems.append(f"{name}: the report does not mark it known spill: {row['failures']}")
-    assert not problems, "\n".join(problems)
+
+def test_hot_loop_is_the_loop_without_selects() -> None:
+    """On a hand-written SASS: two MMA loops (a masked one with selects, an unmasked one with an
+    LDL), an outer loop, and a loop without MMA: the unmasked inner MMA loop is the hot loop."""
+    from fused_attn.kernel_report import find_hot_loop
+
+    sass = "\n".join([
+        "/*0000*/ MOV R1, c[0x0][0x28] ;",
+        "/*0010*/ HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;",  # outer loop body
+        "/*0020*/ FSEL R2, R3, -INF, P0 ;",
+        "/*0030*/ HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;",  # masked loop 0x20-0x50
+        "/*0040*/ FSETP.GT.AND P0, PT, R2, R3, PT ;",
+        "/*0050*/ @P0 BRA 0x20 ;",
+        "/*0060*/ HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24 ;",  # unmasked loop 0x60-0x90
+        "/*0070*/ HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24 ;",
+        "/*0080*/ LDL R5, [R1] ;",
+        "/*0090*/ @P1 BRA 0x60 ;",
+        "/*00a0*/ FADD R6, R6, R7 ;",  # a loop without MMA
+        "/*00b0*/ @P2 BRA 0xa0 ;",
+        "/*00c0*/ BRA 0x10 ;",  # the outer loop: not innermost
+    ])
+    loop = find_hot_loop(sass, num_warps=8, uses_mma=True)
+    assert loop is not None
+    assert (loop.instructions, loop.mma_instructions, loop.wgmma_n, loop.local_memory, loop.selects) == (4, 2, [32, 32], 1, 0)
+    assert loop.executed_flops == 2 * (2 * 64 * 32 * 16) * 2  # two warpgroups issue each HGMMA
 
 
 _VARIANT_SCRIPT = """
@@ -173,7 +263,9 @@ def test_every_variant_at_once_compiles_for_gpus() -> None:
     assert {(row["capability"], row["kernel"]) for row in rows} == {(c, k) for c in (80, 90) for k in kernels}
     for row in rows:
         assert row["compiled"], f"{_row_id(row)}: {row['error']}"
-        assert row["ok"], f"{_row_id(row)}: {row['failures']}"
+        # Diagnostic rows: their speed figures are recorded by `kernel_report --variants`; they must
+        # compile and fit the card.
+        assert row["total_shared"] <= EXPECTED_SHARED_LIMITS[row["capability"]], _row_id(row)
         assert set(row["features"]) >= {"LIMIT_LEFT", "HAS_ALIBI", "HAS_SOFTCAP", "BIAS_KIND"}
         if row["kernel"] in ("fwd", "dkdv", "dq"):
             assert set(row["features"]) >= {"HAS_DROPOUT", "IS_VARLEN"}
