@@ -110,13 +110,24 @@ def device_row(device_index: int) -> tuple[int, int, int]:
     return capability, int(shared), _configs.table_capability(capability, int(shared))
 
 
+def device_fallback_reason(q: torch.Tensor) -> str | None:
+    """Why the kernels cannot serve q's dtype on q's GPU (bf16 before capability 8.0), or None:
+    the drop-in wrappers fall back to torch for it, where `attention` raises."""
+    if q.device.type != "cuda" or interpreting() or q.dtype != torch.bfloat16:
+        return None
+    capability, _, _ = device_row(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if capability < 80:
+        return f"bf16 on a GPU of capability {capability // 10}.{capability % 10} (no bf16 arithmetic)"
+    return None
+
+
 def check_dtype_on_device(q: torch.Tensor) -> None:
     """bf16 needs capability 8.0: refuse it on older cards before any launch; warn once that
     Turing (sm_75) runs without tensor cores (Triton lowers tl.dot to FMA there)."""
     if q.device.type != "cuda" or interpreting():
         return
     capability, _, row = device_row(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    if q.dtype == torch.bfloat16 and capability < 80:
+    if device_fallback_reason(q) is not None:
         raise ValueError(f"q has dtype torch.bfloat16, which a GPU of capability {capability // 10}.{capability % 10} "
                          "cannot compute in; use torch.float16 or torch.float32 on this card")
     if not _configs.TARGETS[row].tensor_cores:
@@ -168,13 +179,15 @@ _OUT_OF_RESOURCES: set[tuple[object, ...]] = set()
 
 
 def _launch_tiled(kernel: str, candidates: tuple[KernelConfig, ...], q: torch.Tensor,
-                  launch: Callable[[KernelConfig], None]) -> None:
+                  launch: Callable[[KernelConfig], None], specialization: tuple[object, ...]) -> None:
     """Launch with the first tile that fits the card: a tile that runs out of shared memory or
-    registers here (a card the table does not know exactly) is skipped from then on, with a
-    one-time warning, and the next smaller vetted tile is tried."""
+    registers here (a card the table does not know exactly) is skipped from then on for the same
+    kernel and specialization (`specialization`: the head-dim blocks and flags, which change what
+    a tile needs), with a one-time warning, and the next smaller vetted tile is tried. Triton
+    raises OutOfResources when it loads the kernel, before anything runs: no output is half-written."""
     last_error: Exception | None = None
     for cfg in candidates:
-        key = (q.device, kernel, q.dtype, cfg)
+        key = (q.device, kernel, q.dtype, specialization, cfg)
         if key in _OUT_OF_RESOURCES:
             continue
         try:
@@ -367,8 +380,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
         )
 
+    specialization = (block_d, block_dv, block_d == head_dim, block_dv == head_dim_v, tuple(sorted(flags.items())))
     _launch_tiled("forward", _kernel_candidates("forward", q, head_dim, head_dim_v, _variant_key(flags),
-                                                max_q, max_k, launch), q, launch)
+                                                max_q, max_k, launch), q, launch, specialization)
     return o[..., :head_dim_v_out], lse
 
 
@@ -435,8 +449,11 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
         )
 
+    specialization = (block_d, block_dv, block_d == head_dim, block_dv == head_dim_v, dbias is not None,
+                      tuple(sorted(variant_flags.items())))
     for kernel, launch in (("backward_dkdv", launch_dkdv), ("backward_dq", launch_dq)):
-        _launch_tiled(kernel, _kernel_candidates(kernel, q, head_dim, head_dim_v, key, max_q, max_k, launch), q, launch)
+        _launch_tiled(kernel, _kernel_candidates(kernel, q, head_dim, head_dim_v, key, max_q, max_k, launch), q, launch,
+                      specialization)
     return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out], dbias
 
 
@@ -503,14 +520,16 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, variant: Variant
     def launch_rows(cfg: KernelConfig) -> None:
         _kernels._attn_row_stats[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
             q, k, lse, entropy, max_prob, *common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-            EVEN_D=block_d == head_dim, **flags, num_warps=cfg.num_warps, **_kernel_flags(q))
+            EVEN_D=block_d == head_dim, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q))
 
     def launch_cols(cfg: KernelConfig) -> None:
         _kernels._attn_col_sums[_grid(triton.cdiv(seq_k, cfg.block_n) * batch * heads_q)](
             q, k, lse, received, *common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-            EVEN_D=block_d == head_dim, **flags, num_warps=cfg.num_warps, **_kernel_flags(q))
+            EVEN_D=block_d == head_dim, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q))
 
     # Table tiles only (no tuning: these kernels are not what the tuner times).
-    for kernel, launch in (("forward", launch_rows), ("backward_dq", launch_cols)):
-        _launch_tiled(kernel, _kernel_candidates(kernel, q, head_dim, head_dim, key, seq_q, seq_k), q, launch)
+    specialization = (block_d, block_d == head_dim, tuple(sorted(flags.items())))
+    for name, kernel, launch in (("row_stats", "forward", launch_rows), ("col_sums", "backward_dq", launch_cols)):
+        _launch_tiled(name, _kernel_candidates(kernel, q, head_dim, head_dim, key, seq_q, seq_k), q, launch,
+                      specialization)
     return lse, entropy, max_prob, received

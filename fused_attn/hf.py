@@ -76,6 +76,7 @@ from typing import Callable
 
 import torch
 
+from fused_attn._launch import device_fallback_reason
 from fused_attn.api import attention, attention_varlen
 from fused_attn.weights import attention_probs
 
@@ -277,7 +278,7 @@ def _fallback_reason(module: torch.nn.Module, query: torch.Tensor, dropout: floa
         return "attention weights requested with attention dropout while training (eager returns dropped weights)"
     if kwargs.get("position_bias") is not None and kwargs.get("softcap"):
         return "a position bias together with softcapping"
-    return None
+    return device_fallback_reason(query)
 
 
 def _on_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: _Call, dropout: float,

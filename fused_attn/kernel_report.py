@@ -1,38 +1,31 @@
-"""Compile every shipped attention config for real GPU targets and check what the GPU would see.
+"""Compile every shipped attention tile for real GPU targets and judge what the GPU would run.
 
-No GPU is needed: `triton.compile` builds cubins for capability 80 (A100) and 90 (H100/H200) on
-any machine, and the `cuobjdump` that ships with Triton reads them back. For every entry of
-`fused_attn.kernels.configs.all_configs()`, every dtype of that element size and each of the four
-kernels, this module compiles the most demanding variant the kernels are launched with (causal,
-head dims that need masks) and records
+No GPU is needed: `triton.compile` builds cubins for every target in `configs.TARGETS` (capability
+75, 80, 86, 90, 100, 120) on any machine, and the `cuobjdump` that ships with Triton reads them
+back. For every tile the config table lists (first choices and the vetted alternatives), with the
+head dim masked and exact (EVEN_D False and True), this module compiles the kernel and finds its
+hot loop: the unmasked inner loop, read from the SASS. It records registers, spills, shared
+memory, the hot loop's MMA instructions and wgmma shapes, and a static issue figure, and checks
+(see docs/kernel-report.md):
 
-    registers   REG per thread (cuobjdump --dump-resource-usage)
-    spills      STACK + LOCAL bytes, and LDL/STL instructions in the SASS
-    shared      dynamic shared memory in bytes (compiled.metadata.shared) + static shared
-    HGMMA/HMMA  warpgroup (sm_90) and warp-level tensor-core MMA instructions in the SASS
-    MUFU.EX2    hardware exponentials in the SASS
+    executed / useful MMA FLOPs in the hot loop = 1 (no warp recomputes another warp's tile)
+    wgmma N >= 32 in the hot loop on capability 90, fp16/bf16 (N < 64 is noted)
+    no LDL/STL inside the hot loop (spills elsewhere are recorded, not failed)
+    shared memory within the target's limit, and the kernel compiles
 
-and checks: the kernel compiles, spills nothing, fits the card's shared memory, and on
-capability 90 the fp16/bf16 forward, dK/dV and dQ kernels use HGMMA (the preprocess kernel has
-no dot). Rows listed in `configs.KNOWN_SPILLS` (fp16/bf16 kernels that spill in every tile that
-keeps HGMMA) are marked "known spill" instead of failing, but fail if they no longer spill (the
-entry is stale) or break any other check. The kernels must be real `triton.JITFunction`s: run
-with TRITON_INTERPRET unset or 0.
-
-The default (and only shipped) variant is `aligned`: the launcher copies any q/k/v/do whose head
-dim or non-last stride is not a multiple of 16 elements, or whose pointer is not 16-byte aligned,
-into a zero-padded buffer, so the kernels only ever see 16-byte aligned pointers and head dims and
-strides that are multiples of 16 (as Triton specializes them at launch); the head dim may still be
-smaller than its block (EVEN_D False, e.g. 80 in a 128 block), which is what is compiled.
-`--variant unaligned` compiles head dims like 59 with only the pointers' alignment known, a case
-the launcher no longer produces; it is a diagnostic, not a check the configs must pass.
+Rows listed in `configs.ACCEPTED_FAILURES` (no candidate passes) are marked accepted instead of
+failing. `--pick` chooses the table with the same checks. The kernels must be real
+`triton.JITFunction`s: run with TRITON_INTERPRET unset or 0. The launcher copies any q/k/v/do whose
+head dim or strides are not multiples of 16 elements into an aligned buffer, so the kernels are
+compiled with 16-byte aligned pointers and strides (`--variant unaligned` is a diagnostic).
 
     python -m fused_attn.kernel_report                 # markdown table; exit 1 if a check fails
     python -m fused_attn.kernel_report --json out.json # also write every row as JSON
-    python -m fused_attn.kernel_report --kernel-module my_patched_attention  # try a kernel change
+    python -m fused_attn.kernel_report --dump DIR      # and each cubin, SASS and PTX, with DIR/index.json
+    python -m fused_attn.kernel_report --pick kernels/config_table.py --row-cache rows.jsonl
 
 Exit status: 0 all checks pass, 1 some check failed, 3 the environment cannot compile
-(interpreter on, or Triton's NVIDIA backend tools missing).
+(interpreter on, or Triton's NVIDIA backend tools missing). Every figure is static: nothing is timed.
 """
 from __future__ import annotations
 
@@ -52,9 +45,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fused_attn.kernels.configs import (CAPABILITIES, KERNELS as TABLE_KERNELS, TARGETS, VARIANTS as TABLE_VARIANTS,
-                                        AttentionConfigs, KernelConfig, all_candidates, all_configs, lookup,
-                                        preprocess_block_m)
+from fused_attn.kernels.configs import (ACCEPTED_FAILURES, CAPABILITIES, KERNELS as TABLE_KERNELS, TARGETS,
+                                        VARIANTS as TABLE_VARIANTS, AttentionConfigs, KernelConfig, all_candidates,
+                                        all_configs, has_variant_rows, lookup, preprocess_block_m)
 
 SHARED_MEMORY_LIMITS: dict[int, int] = {cap: target.shared_memory for cap, target in TARGETS.items()}
 """Largest shared memory one block may use, in bytes, per compile target (configs.TARGETS)."""
@@ -88,6 +81,9 @@ TABLE_VARIANT_FEATURES: dict[str, tuple[str, ...]] = {
 MMA_FLOP_PER_CLOCK: dict[int, int | None] = {75: None, 80: 2048, 86: 1024, 90: 4096, 100: 8192, 120: 1024}
 FMA_FLOP_PER_CLOCK: dict[int, int] = {75: 128, 80: 128, 86: 256, 90: 256, 100: 256, 120: 256}
 
+# Bump when the analysis of a compiled kernel changes (what find_hot_loop, _mma_flops, _signature
+# or _constexprs compute): cached rows and the committed report's fingerprint carry it.
+REPORT_VERSION = 2
 ENV_ERROR_EXIT = 3
 DEFAULT_KERNEL_MODULE = "fused_attn.kernels.attention"
 VARIANTS: tuple[str, ...] = ("aligned", "unaligned")
@@ -234,6 +230,7 @@ class KernelReport:
     compile_seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # recorded, not failed
+    accepted: str | None = None  # configs.ACCEPTED_FAILURES' reason when its failures are accepted
 
     @property
     def spills(self) -> int:
@@ -287,7 +284,7 @@ def fingerprint(kernel_module: str = DEFAULT_KERNEL_MODULE) -> str:
     import hashlib
     import importlib.util
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"report{REPORT_VERSION}".encode())
     for module in (kernel_module, "fused_attn.kernels.config_table"):
         spec = importlib.util.find_spec(module)
         assert spec is not None and spec.origin is not None, module
@@ -303,7 +300,12 @@ def _precisions(capability: int, dtype: str, fp32_tf32: bool = True) -> tuple[st
 
 
 def _dtypes(capability: int, element_size: int, dtypes: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The dtypes a row of `element_size` runs: no bf16 before capability 80 (the launcher refuses it)."""
+    """The dtypes compiled for a row of `element_size`: by default bf16 stands for the 16-bit
+    dtypes (fp16 runs the same tiles and compiles to the same MMA shapes, .F16 for .BF16; the
+    compile test recompiles fp16 samples), fp16 where there is no bf16 (the launcher refuses bf16
+    before capability 80)."""
+    if dtypes is None and element_size == 2:
+        dtypes = ("bf16",)
     chosen = [d for d in DTYPES_BY_ELEMENT_SIZE[element_size] if dtypes is None or d in dtypes]
     if not TARGETS[capability].bf16:
         chosen = [d for d in chosen if d != "bf16"] or (["fp16"] if element_size == 2 else chosen)
@@ -477,29 +479,34 @@ def _mma_flops(opcode: str, num_warps: int) -> int | None:
 def find_hot_loop(sass: str, num_warps: int, uses_mma: bool) -> HotLoop | None:
     """The unmasked inner loop: of the innermost loops (backward branches) that hold MMA
     instructions (FFMA for FMA dots), the one with the fewest selects (the masked loops compare
-    and select per element)."""
+    and select per element). Loops without MMA (barrier waits, retries) do not count as inner
+    loops of an MMA loop; loops sharing a branch target are one loop."""
     instructions = [(int(m.group(1), 16), m.group(2).strip()) for m in _SASS_LINE.finditer(sass)]
-    loops = []
+    ends: dict[int, int] = {}
     for address, text in instructions:
         if _opcode(text).startswith("BRA"):
             target = re.search(r"0x([0-9a-f]+)", text)
             if target and int(target.group(1), 16) <= address:
-                loops.append((int(target.group(1), 16), address))
+                start = int(target.group(1), 16)
+                ends[start] = max(ends.get(start, start), address)
+
+    def body(lo: int, hi: int) -> list[str]:
+        return [_opcode(text) for address, text in instructions if lo <= address <= hi]
+
+    def weight(ops: list[str]) -> int:
+        return sum(1 for op in ops if _is_mma(op)) if uses_mma else sum(1 for op in ops if op.startswith("FFMA"))
+
+    loops = [(lo, hi) for lo, hi in ends.items() if weight(body(lo, hi))]
     innermost = [(lo, hi) for lo, hi in loops
                  if not any((lo, hi) != (l2, h2) and lo <= l2 and h2 <= hi for l2, h2 in loops)]
-    bodies = []
-    for lo, hi in innermost:
-        ops = [_opcode(text) for address, text in instructions if lo <= address <= hi]
-        weight = sum(1 for op in ops if _is_mma(op)) if uses_mma else sum(1 for op in ops if op.startswith("FFMA"))
-        if weight:
-            bodies.append((weight, ops))
+    bodies = [(weight(body(lo, hi)), body(lo, hi)) for lo, hi in innermost]
     if not bodies:
         return None
     if not uses_mma:  # FMA dots: the loops with most of the FMAs, then the fewest selects
-        top = max(weight for weight, _ in bodies)
+        top = max(w for w, _ in bodies)
         bodies = [(w, ops) for w, ops in bodies if w * 2 >= top]
     selects = lambda ops: sum(1 for op in ops if op.split(".")[0] in ("FSEL", "FSETP", "SEL"))  # noqa: E731
-    _, ops = min(bodies, key=lambda body: (selects(body[1]), -len(body[1])))
+    _, ops = min(bodies, key=lambda item: (selects(item[1]), -len(item[1])))
     mma = [op for op in ops if _is_mma(op)]
     flops = [_mma_flops(op, num_warps) for op in mma]
     return HotLoop(
@@ -661,6 +668,8 @@ class RowCache:
         self.rows: dict[str, dict[str, Any]] = {}
         if self.path is not None and self.path.exists():
             for line in self.path.read_text().splitlines():
+                if not line.strip():
+                    continue
                 entry = json.loads(line)
                 if entry.get("stamp") == self.stamps.get(entry["row"]["kernel"]):
                     self.rows[entry["job"]] = entry["row"]
@@ -678,10 +687,26 @@ class RowCache:
             f.write(json.dumps({"stamp": self.stamps[report.job.kernel], "job": key, "row": self.rows[key]}) + "\n")
 
 
+def accept_listed_failures(report: KernelReport) -> None:
+    """Turn the speed-check failures of a row listed in configs.ACCEPTED_FAILURES into notes (never
+    a compile or shared-memory failure)."""
+    job = report.job
+    key = (job.capability, job.head_dim, _ELEMENT_SIZES[job.dtype], _TABLE_KERNEL.get(job.kernel, ""))
+    reason = ACCEPTED_FAILURES.get(key)
+    if reason is None or job.table_variant is None or not report.failures:
+        return
+    if any(f.startswith(("does not compile", "needs ")) for f in report.failures):
+        return
+    report.notes += [f"accepted (configs.ACCEPTED_FAILURES): {failure}" for failure in report.failures]
+    report.failures, report.accepted = [], reason
+
+
 def _rechecked(row: Mapping[str, Any]) -> KernelReport:
     """A cached row with the checks of this version applied to its raw figures."""
     report = KernelReport.from_dict(row)
     report.failures, report.notes, report.mma_ratio, report.issue_per_mma = [], [], None, None
+    report.accepted = None
+    report.shared_limit = SHARED_MEMORY_LIMITS[report.job.capability]
     if report.compiled:
         _check(report)
     return report
@@ -692,7 +717,7 @@ def kernel_stamps(kernel_module: str = DEFAULT_KERNEL_MODULE) -> dict[str, str]:
     import triton
 
     module = _kernel_module(kernel_module)
-    return {kernel: f"{getattr(module, name).cache_key}-triton{triton.__version__}"
+    return {kernel: f"{getattr(module, name).cache_key}-triton{triton.__version__}-report{REPORT_VERSION}"
             for kernel, name in _KERNEL_FUNCTIONS.items() if hasattr(getattr(module, name, None), "cache_key")}
 
 
@@ -728,6 +753,8 @@ def run_report(table: Mapping[tuple[int, int, int, str], AttentionConfigs] | Non
         cached[i] = row
         cache.add(row)
     rows = [cached[i] for i in range(len(jobs))]
+    for row in rows:
+        accept_listed_failures(row)
     if dump_dir is not None:
         index = [dict(row.as_dict(), files={ext: f"{row.job.name}.{ext}" for ext in ("cubin", "sass", "ptx")})
                  for row in rows if row.compiled]
@@ -852,14 +879,34 @@ def pick_slot(key: tuple[int, int, int, str], kernel: str, candidates: Sequence[
                 failed += 1
                 break
         if failed:
-            worst.append((failed, index, cfg))
+            worst.append((_penalty(rows[-1]), index, cfg))
             continue
         chosen.append(cfg)
         if len(chosen) >= keep:
             break
     if chosen:
         return PickResult(key, kernel, chosen, rows, True)
-    return PickResult(key, kernel, [candidates[-1]], rows, False)
+    # Nothing passes: the tile whose failures cost least (never one that cannot run).
+    runnable = [entry for entry in worst if entry[0] < _CANNOT_RUN]
+    return PickResult(key, kernel, [min(runnable or worst)[2]], rows, False)
+
+
+_CANNOT_RUN = 1000
+
+
+def _penalty(row: KernelReport) -> int:
+    """How bad a failed row is, for choosing among tiles that all fail: one that cannot run (no
+    compile, too much shared memory) is out; local memory in the hot loop and replicated MMA work
+    cost the most; a narrow wgmma or the pre-Hopper MMA on sm_90 less."""
+    penalty = 0
+    for failure in row.failures:
+        if failure.startswith(("does not compile", "needs ")):
+            penalty += _CANNOT_RUN
+        elif "LDL/STL" in failure or failure.startswith("executed/useful"):
+            penalty += 2
+        else:
+            penalty += 1
+    return penalty
 
 
 def _pick_worker(args: tuple[Any, ...]) -> PickResult:
@@ -869,7 +916,7 @@ def _pick_worker(args: tuple[Any, ...]) -> PickResult:
 def pick_table(capabilities: Sequence[int] = CAPABILITIES, head_dims: Sequence[int] = (16, 32, 64, 128, 256),
                element_sizes: Sequence[int] = (2, 4), variants: Sequence[str] = TABLE_VARIANTS, *,
                workers: int = 2, kernel_module: str = DEFAULT_KERNEL_MODULE, row_cache: str | None = None,
-               log: Any = None, keep_plain: int = 2) -> dict[tuple[int, int, int, str], dict[str, PickResult]]:
+               log: Any = None, keep_plain: int = 3) -> dict[tuple[int, int, int, str], dict[str, PickResult]]:
     """Pick every (capability, head dim, element size, variant) row of the table. The plain rows
     search the whole candidate list; the variant rows start from the plain row's choice (a mask
     or dropout never makes a larger tile fit)."""
@@ -886,12 +933,16 @@ def pick_table(capabilities: Sequence[int] = CAPABILITIES, head_dims: Sequence[i
                 for head_dim in head_dims:
                     for size in element_sizes:
                         for table_variant in phase:
+                            if table_variant != "plain" and not has_variant_rows(capability, size):
+                                continue
                             key = (capability, head_dim, size, table_variant)
                             for kernel in ("dkdv", "dq", "fwd"):
                                 candidates = _candidates_for(kernel, capability, size)
                                 # Plain rows keep alternatives for the tuner and the out-of-resources
                                 # retry; variant rows keep their first passing tile.
-                                keep = keep_plain if table_variant == "plain" and _candidate_kind(capability, size) == "mma" else 1
+                                # Every row keeps a second tile for the out-of-resources retry; the
+                                # plain 16-bit rows a third for the tuner.
+                                keep = keep_plain if table_variant == "plain" and _candidate_kind(capability, size) == "mma" else 2
                                 if table_variant != "plain":
                                     plain_key = (capability, head_dim, size, "plain")
                                     plain = (results[plain_key][kernel].chosen[0] if plain_key in results else
@@ -929,7 +980,8 @@ def write_table(results: Mapping[tuple[int, int, int, str], Mapping[str, PickRes
              '"""', "",
              "PICKED: dict[tuple[int, int, int, str], tuple[tuple[tuple[int, int, int, int], ...], ...]] = {"]
     failed = []
-    shipped = all_candidates()  # rows not picked this time keep their tiles
+    shipped = {key: value for key, value in all_candidates().items()  # rows not picked this time keep theirs
+               if key[3] == "plain" or has_variant_rows(key[0], key[2])}
     for key in sorted(set(results) | set(shipped), key=lambda k: (k[0], k[1], k[2], TABLE_VARIANTS.index(k[3]))):
         per_kernel = []
         for kernel in ("fwd", "dkdv", "dq"):
@@ -978,7 +1030,8 @@ def format_markdown(rows: Iterable[KernelReport]) -> str:
         ratio = "-" if row.mma_ratio is None else f"{row.mma_ratio:.2f}"
         wgmma_n = "-" if loop is None or not loop.wgmma_n else "/".join(str(n) for n in sorted(set(loop.wgmma_n)))
         issue = "-" if row.issue_per_mma is None else f"{row.issue_per_mma:.2f}"
-        status = "ok" if row.ok else "FAIL: " + "; ".join(row.failures).replace("|", "/")
+        status = ("accepted: " + "; ".join(n.split(": ", 1)[1] for n in row.notes if n.startswith("accepted"))
+                  if row.accepted else "ok") if row.ok else "FAIL: " + "; ".join(row.failures).replace("|", "/")
         variant_cell = f" {_feature_name(job.features)} |" if with_features else ""
         lines.append(
             f"| {job.capability} | {job.head_dim} | {job.dtype} | {job.input_precision} | {job.kernel} |{variant_cell} "

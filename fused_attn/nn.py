@@ -6,7 +6,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fused_attn._launch import interpreting
+from fused_attn._launch import device_fallback_reason, interpreting
 from fused_attn.api import attention
 
 _WARNED: set[str] = set()
@@ -115,7 +115,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return f"head dim {self.head_dim} is over 256"
         if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
             return f"{query.device.type} tensors need CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
-        return None
+        return device_fallback_reason(query)
 
 
 def swap_attention(model: torch.nn.Module) -> int:

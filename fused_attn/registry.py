@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from fused_attn._checks import check_attention_inputs, check_dropout
+from fused_attn._launch import device_fallback_reason
 from fused_attn._function import attention_backward_op, forward
 from fused_attn.api import dropout_seed
 
@@ -38,7 +39,7 @@ def _unsupported(query: torch.Tensor, key: torch.Tensor, is_causal: bool, return
         return f"dtype {query.dtype}"
     if query.shape[-1] > 256:
         return f"head dim {query.shape[-1]} > 256"
-    return None
+    return device_fallback_reason(query)
 
 
 def _like(ref: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fused_attn._launch import interpreting
+from fused_attn._launch import device_fallback_reason, interpreting
 from fused_attn.api import attention
 
 _WARNED: set[str] = set()
@@ -39,7 +39,7 @@ def _fallback_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return "a head dim over 256"
     if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
         return f"{query.device.type} tensors (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-    return None
+    return device_fallback_reason(query)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

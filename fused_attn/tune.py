@@ -435,8 +435,10 @@ _NOT_SEEN: Any = object()
 
 
 def _first(best: KernelConfig, candidates: tuple[KernelConfig, ...]) -> tuple[KernelConfig, ...]:
-    """`best`, then the other candidates in the table's order (the out-of-resources retry list)."""
-    if candidates and candidates[0] == best:
+    """`best`, then the other candidates in the table's order (the out-of-resources retry list).
+    A tile the table does not list (a results file from an older table) is not launched: only
+    vetted tiles run."""
+    if best not in candidates or candidates[0] == best:
         return candidates
     return (best, *(cfg for cfg in candidates if cfg != best))
 

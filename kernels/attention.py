@@ -244,7 +244,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
             # same float, rounding is monotonic), so exp2(s * c - m) is one FMA per score instead of
             # a multiply and a subtract.
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
-            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            # A finite s whose s * c overflows makes m = +inf; fma(s, c, -inf) would then give p = 0
+            # (no key) where the general path's inf - inf gives NaN: make the row NaN as there.
+            m_base = tl.where(m_new == float("-inf"), 0.0, tl.where(m_new == float("inf"), float("nan"), m_new))
             p = tl.math.exp2(s * qk_scale_log2 - m_base[:, None])
         else:
             qk, _ = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,

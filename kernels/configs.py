@@ -68,7 +68,14 @@ KERNELS = ("forward", "backward_dkdv", "backward_dq")
 VARIANTS = ("plain", "mask", "dropout", "all")
 """Variant keys: the tile can change with a user mask (read per tile, plus dS stored for its
 gradient) and with dropout (Philox per element); window, ALiBi, softcap and packed input use the
-plain tiles (`kernel_report --variants` records what they compile to)."""
+plain tiles (`kernel_report --variants` records what they compile to). Only the fp16/bf16 rows of
+targets with tensor cores have variant rows: fp32 and Turing are correctness paths whose variant
+calls run the plain row's tiles (a launch that runs out of resources retries smaller tiles)."""
+
+
+def has_variant_rows(capability: int, element_size: int) -> bool:
+    """Whether the table keys this row's tiles by variant too (else every variant uses "plain")."""
+    return element_size == 2 and TARGETS[capability].tensor_cores
 
 
 def variant_key(has_mask: bool, has_dropout: bool) -> str:
@@ -107,8 +114,8 @@ def candidates(capability: int, head_dim: int, element_size: int, variant: str =
     and v) of `head_dim`."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    key = (table_capability(capability, shared_memory), head_dim_bucket(head_dim),
-           4 if element_size >= 4 else 2, variant)
+    row, size = table_capability(capability, shared_memory), 4 if element_size >= 4 else 2
+    key = (row, head_dim_bucket(head_dim), size, variant if has_variant_rows(row, size) else "plain")
     return {kernel: tuple(_kernel_config(e) for e in entries) for kernel, entries in zip(KERNELS, PICKED[key])}
 
 
@@ -130,6 +137,12 @@ def all_candidates() -> dict[tuple[int, int, int, str], dict[str, tuple[KernelCo
     return {key: {kernel: tuple(_kernel_config(e) for e in entries) for kernel, entries in zip(KERNELS, value)}
             for key, value in PICKED.items()}
 
+
+ACCEPTED_FAILURES: dict[tuple[int, int, int, str], str] = {}
+"""(capability row, head-dim bucket, element size, kernel) -> why no candidate tile passes the speed
+checks there (for every variant); the table then holds the tile whose failures cost least, and the
+compile report marks its rows "accepted" instead of failing them. A tile that does not compile or
+does not fit shared memory is never accepted, and an entry whose rows pass is stale (a test fails)."""
 
 # Under the interpreter large tiles mean fewer NumPy calls; 32 keeps several tiles in small tests.
 INTERPRETER_CONFIGS = AttentionConfigs(

@@ -41,7 +41,8 @@ def test_every_row_is_in_the_table_with_tiles_that_fit_it() -> None:
     and each tile's blocks are powers of two >= 16 (what the launcher and tl.dot need)."""
     table = configs.all_candidates()
     expected = {(cap, d, size, variant) for cap in configs.CAPABILITIES for d in configs.HEAD_DIM_BUCKETS
-                for size in configs.ELEMENT_SIZES for variant in configs.VARIANTS}
+                for size in configs.ELEMENT_SIZES for variant in configs.VARIANTS
+                if variant == "plain" or configs.has_variant_rows(cap, size)}
     assert set(table) == expected
     for key, by_kernel in table.items():
         assert set(by_kernel) == set(configs.KERNELS), key
@@ -103,12 +104,15 @@ def test_out_of_resources_retries_with_the_next_tile_and_remembers(fake_gpu) -> 
             raise OutOfResources(200_000, 101_376, "shared memory")
 
     with pytest.warns(RuntimeWarning, match="next smaller vetted tile"):
-        _launch._launch_tiled("forward", (big, small), q, launch)
+        _launch._launch_tiled("forward", (big, small), q, launch, (128, 128, True))
     assert launched == [big, small]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: the second call neither warns nor tries the big tile
-        _launch._launch_tiled("forward", (big, small), q, launch)
+        _launch._launch_tiled("forward", (big, small), q, launch, (128, 128, True))
     assert launched == [big, small, small]
+    # Another specialization (head dim, flags) needs other resources: it tries the big tile again.
+    _launch._launch_tiled("forward", (big, small), q, lambda cfg: launched.append(cfg), (64, 64, True))
+    assert launched[-1] == big
 
 
 def test_out_of_resources_on_every_tile_raises(fake_gpu) -> None:
@@ -119,7 +123,7 @@ def test_out_of_resources_on_every_tile_raises(fake_gpu) -> None:
         raise OutOfResources(300_000, 101_376, "shared memory")
 
     with pytest.warns(RuntimeWarning), pytest.raises(OutOfResources):
-        _launch._launch_tiled("forward", (KernelConfig(64, 64, 4, 2), KernelConfig(32, 32, 4, 1)), q, launch)
+        _launch._launch_tiled("forward", (KernelConfig(64, 64, 4, 2), KernelConfig(32, 32, 4, 1)), q, launch, ())
 
 
 def _cuda_like(dtype: torch.dtype) -> types.SimpleNamespace:
@@ -147,3 +151,56 @@ def test_ampere_and_newer_take_bf16_silently(fake_gpu) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _launch.check_dtype_on_device(_cuda_like(torch.bfloat16))
+
+
+def test_launcher_reads_the_row_of_the_card_not_another(fake_gpu, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows tagged by their capability (in num_stages): each card launches its own row's tile."""
+    tagged = {key: tuple(((16, 16, 4, key[0]),) for _ in configs.KERNELS) for key in configs.PICKED}
+    monkeypatch.setattr(configs, "PICKED", tagged)
+    q = torch.empty(1, 1, 4, 64, dtype=torch.float16)
+    for capability, shared, row in ((89, 101_376, 86), (121, 101_376, 120), (90, 232_448, 90), (75, 65_536, 75)):
+        fake_gpu(capability, shared)
+        (cfg,) = _launch._kernel_candidates("backward_dq", q, 64, 64, "plain", 128, 128)
+        assert cfg.num_stages == row, (capability, cfg)
+
+
+def test_device_row_reads_capability_and_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(shared_memory_per_block_optin=101_376))
+    assert _launch.device_row.__wrapped__(0) == (89, 101_376, 86)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(shared_memory_per_block_optin=232_448))
+    assert _launch.device_row.__wrapped__(0) == (90, 232_448, 90)
+
+
+def test_check_device_refuses_bf16_on_turing(fake_gpu) -> None:
+    """The public entry points call check_device first: on sm_75 it refuses bf16 before a launch."""
+    fake_gpu(75, 65_536)
+    with pytest.raises(ValueError, match="bfloat16"):
+        _launch.check_device(_cuda_like(torch.bfloat16))
+    assert "bf16 on a GPU of capability 7.5" in _launch.device_fallback_reason(_cuda_like(torch.bfloat16))
+    assert _launch.device_fallback_reason(_cuda_like(torch.float16)) is None
+
+
+def test_drop_in_wrappers_fall_back_for_what_the_card_cannot_compute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sdpa, nn.MultiheadAttention, the SDPA-flash registry and Hugging Face hand bf16-on-Turing
+    calls to torch (their contract) instead of raising: each asks device_fallback_reason."""
+    from fused_attn import hf, nn, registry, sdpa
+
+    for module in (sdpa, nn, registry, hf):
+        monkeypatch.setattr(module, "device_fallback_reason", lambda q: "the card cannot")
+    q = torch.randn(1, 2, 4, 16)
+    assert sdpa._fallback_reason(q, q, q, 0.0) == "the card cannot"
+    assert registry._unsupported(q, q, False) == "the card cannot"
+    mha = nn.MultiheadAttention(32, 2, batch_first=True)
+    assert mha._why_not_fused(q, q, None, False, None, False) == "the card cannot"
+    assert hf._fallback_reason(torch.nn.Module(), q, 0.0, False, {}) == "the card cannot"
+
+
+def test_fp32_and_turing_variants_run_the_plain_tiles() -> None:
+    assert not configs.has_variant_rows(90, 4) and not configs.has_variant_rows(75, 2)
+    assert configs.has_variant_rows(90, 2) and configs.has_variant_rows(120, 2)
+    for capability, size in ((90, 4), (75, 2), (75, 4)):
+        assert configs.candidates(capability, 64, size, "all") == configs.candidates(capability, 64, size, "plain")
