@@ -45,9 +45,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fused_attn.kernels.configs import (ACCEPTED_FAILURES, CAPABILITIES, KERNELS as TABLE_KERNELS, TARGETS,
+from fused_attn.kernels.configs import (ACCEPTED_FAILURES, UNVETTED_ROWS, CAPABILITIES, KERNELS as TABLE_KERNELS, TARGETS,
                                         VARIANTS as TABLE_VARIANTS, AttentionConfigs, KernelConfig, all_candidates,
-                                        all_configs, has_variant_rows, lookup, preprocess_block_m)
+                                        all_configs, has_variant_rows, lookup, preprocess_block_m,
+                                        variant_key)
 
 SHARED_MEMORY_LIMITS: dict[int, int] = {cap: target.shared_memory for cap, target in TARGETS.items()}
 """Largest shared memory one block may use, in bytes, per compile target (configs.TARGETS)."""
@@ -333,7 +334,7 @@ def build_jobs(table: Mapping[tuple[int, int, int, str], AttentionConfigs] | Non
     masked; the preprocess kernel once per (capability, head dim, dtype)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    table = all_configs() if table is None else table
+    table = {k: v for k, v in all_configs().items() if k not in UNVETTED_ROWS} if table is None else table
     jobs: list[CompileJob] = []
     preprocess_done: set[tuple[int, int, str]] = set()
     for (capability, head_dim, element_size, table_variant), configs in sorted(table.items()):
@@ -367,13 +368,15 @@ VARIANT_FEATURES: dict[str, tuple[str, ...]] = {
 def build_variant_jobs(capabilities: Sequence[int] = (80, 90), head_dims: Sequence[int] = (64, 128),
                        features: Mapping[str, tuple[str, ...]] = VARIANT_FEATURES,
                        dtype: str = "bf16") -> list[CompileJob]:
-    """The forward, dK/dV and dQ kernels of the plain table tiles with each variant switched on
-    (head dim masked). Diagnostic rows: what the checks find is recorded, not failed."""
+    """The forward, dK/dV and dQ kernels with each variant switched on, on the tiles the launcher
+    takes for it (head dim masked). Diagnostic rows: what the checks find is recorded, not failed."""
     jobs = []
     for capability in capabilities:
         for head_dim in head_dims:
-            configs = lookup(capability, head_dim, _ELEMENT_SIZES[dtype])
             for flags in features.values():
+                # The tiles the launcher takes for these flags: the table's mask/dropout rows.
+                configs = lookup(capability, head_dim, _ELEMENT_SIZES[dtype],
+                                 variant_key("BIAS_KIND" in flags, "HAS_DROPOUT" in flags))
                 for kernel, cfg in (("fwd", configs.forward), ("dkdv", configs.backward_dkdv),
                                     ("dq", configs.backward_dq)):
                     kernel_flags = tuple(f for f in flags if kernel == "dkdv" or f != "STORE_DBIAS")
@@ -691,7 +694,8 @@ def accept_listed_failures(report: KernelReport) -> None:
     """Turn the speed-check failures of a row listed in configs.ACCEPTED_FAILURES into notes (never
     a compile or shared-memory failure)."""
     job = report.job
-    key = (job.capability, job.head_dim, _ELEMENT_SIZES[job.dtype], _TABLE_KERNEL.get(job.kernel, ""))
+    key = (job.capability, job.head_dim, _ELEMENT_SIZES[job.dtype], job.table_variant or "",
+           _TABLE_KERNEL.get(job.kernel, ""))
     reason = ACCEPTED_FAILURES.get(key)
     if reason is None or job.table_variant is None or not report.failures:
         return
@@ -770,6 +774,8 @@ def _all_table_jobs(table: Mapping[tuple[int, int, int, str], AttentionConfigs] 
         return build_jobs(table, fp32_tf32=fp32_tf32, variant=variant)
     jobs = build_jobs(fp32_tf32=fp32_tf32, variant=variant)
     for (capability, head_dim, size, table_variant), by_kernel in sorted(all_candidates().items()):
+        if (capability, head_dim, size, table_variant) in UNVETTED_ROWS:
+            continue
         for kernel, table_kernel in _TABLE_KERNEL.items():
             for cfg in by_kernel[table_kernel][1:]:
                 jobs += jobs_for_tile(capability, head_dim, size, kernel, cfg, table_variant,
@@ -868,7 +874,7 @@ def pick_slot(key: tuple[int, int, int, str], kernel: str, candidates: Sequence[
     dtypes = ("bf16",) if size == 2 and TARGETS[capability].bf16 else None
     chosen: list[KernelConfig] = []
     rows: list[KernelReport] = []
-    worst: list[tuple[int, int, KernelConfig]] = []
+    worst: list[tuple[tuple[int, int], int, KernelConfig]] = []
     for index, cfg in enumerate(candidates):
         failed = 0
         for job in jobs_for_tile(capability, head_dim, size, kernel, cfg, table_variant, dtypes=dtypes):
@@ -887,17 +893,18 @@ def pick_slot(key: tuple[int, int, int, str], kernel: str, candidates: Sequence[
     if chosen:
         return PickResult(key, kernel, chosen, rows, True)
     # Nothing passes: the tile whose failures cost least (never one that cannot run).
-    runnable = [entry for entry in worst if entry[0] < _CANNOT_RUN]
+    runnable = [entry for entry in worst if entry[0][0] < _CANNOT_RUN]
     return PickResult(key, kernel, [min(runnable or worst)[2]], rows, False)
 
 
 _CANNOT_RUN = 1000
 
 
-def _penalty(row: KernelReport) -> int:
+def _penalty(row: KernelReport) -> tuple[int, int]:
     """How bad a failed row is, for choosing among tiles that all fail: one that cannot run (no
     compile, too much shared memory) is out; local memory in the hot loop and replicated MMA work
-    cost the most; a narrow wgmma or the pre-Hopper MMA on sm_90 less."""
+    cost the most; a narrow wgmma or the pre-Hopper MMA on sm_90 less; then the fewer LDL/STL in
+    the hot loop."""
     penalty = 0
     for failure in row.failures:
         if failure.startswith(("does not compile", "needs ")):
@@ -906,7 +913,7 @@ def _penalty(row: KernelReport) -> int:
             penalty += 2
         else:
             penalty += 1
-    return penalty
+    return penalty, row.hot_loop.local_memory if row.hot_loop else 0
 
 
 def _pick_worker(args: tuple[Any, ...]) -> PickResult:
@@ -933,16 +940,16 @@ def pick_table(capabilities: Sequence[int] = CAPABILITIES, head_dims: Sequence[i
                 for head_dim in head_dims:
                     for size in element_sizes:
                         for table_variant in phase:
-                            if table_variant != "plain" and not has_variant_rows(capability, size):
+                            if table_variant != "plain" and not has_variant_rows(capability, head_dim, size):
                                 continue
                             key = (capability, head_dim, size, table_variant)
                             for kernel in ("dkdv", "dq", "fwd"):
                                 candidates = _candidates_for(kernel, capability, size)
                                 # Plain rows keep alternatives for the tuner and the out-of-resources
                                 # retry; variant rows keep their first passing tile.
-                                # Every row keeps a second tile for the out-of-resources retry; the
-                                # plain 16-bit rows a third for the tuner.
-                                keep = keep_plain if table_variant == "plain" and _candidate_kind(capability, size) == "mma" else 2
+                                # The plain 16-bit rows keep three tiles (the tuner's candidates and the
+                                # out-of-resources retry); the others their first passing tile.
+                                keep = keep_plain if table_variant == "plain" and _candidate_kind(capability, size) == "mma" else 1
                                 if table_variant != "plain":
                                     plain_key = (capability, head_dim, size, "plain")
                                     plain = (results[plain_key][kernel].chosen[0] if plain_key in results else
@@ -981,7 +988,7 @@ def write_table(results: Mapping[tuple[int, int, int, str], Mapping[str, PickRes
              "PICKED: dict[tuple[int, int, int, str], tuple[tuple[tuple[int, int, int, int], ...], ...]] = {"]
     failed = []
     shipped = {key: value for key, value in all_candidates().items()  # rows not picked this time keep theirs
-               if key[3] == "plain" or has_variant_rows(key[0], key[2])}
+               if key[3] == "plain" or has_variant_rows(key[0], key[1], key[2])}
     for key in sorted(set(results) | set(shipped), key=lambda k: (k[0], k[1], k[2], TABLE_VARIANTS.index(k[3]))):
         per_kernel = []
         for kernel in ("fwd", "dkdv", "dq"):

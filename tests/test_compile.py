@@ -112,7 +112,6 @@ def test_committed_report_covers_every_shipped_tile_on_every_target(committed: d
     from dataclasses import asdict
 
     from fused_attn import kernel_report
-    from fused_attn.kernels.configs import CAPABILITIES
 
     fields = set(kernel_report.CompileJob.__dataclass_fields__)
     have = {json.dumps({k: (list(v) if k == "features" else v) for k, v in row.items() if k in fields},
@@ -122,7 +121,11 @@ def test_committed_report_covers_every_shipped_tile_on_every_target(committed: d
                if json.dumps({k: (list(v) if k == "features" else v) for k, v in asdict(job).items()},
                              sort_keys=True) not in have]
     assert not missing, f"{len(missing)} shipped kernels are not in the committed report, e.g. {missing[:5]}"
-    assert {row["capability"] for row in committed["rows"]} == set(CAPABILITIES)
+    from fused_attn.kernels.configs import UNVETTED_ROWS, all_candidates
+
+    vetted = {key[0] for key in all_candidates() if key not in UNVETTED_ROWS}
+    assert {row["capability"] for row in committed["rows"]} == vetted
+    assert set(UNVETTED_ROWS) <= set(all_candidates()), "UNVETTED_ROWS names rows the table does not have"
     assert {row["even_d"] for row in committed["rows"]} == {False, True}
 
 
@@ -141,7 +144,8 @@ def test_accepted_failures_are_current(committed: dict) -> None:
     accepted: dict[tuple, list[dict]] = {}
     for row in committed["rows"]:
         if row.get("accepted"):
-            key = (row["capability"], row["head_dim"], 4 if row["dtype"] == "fp32" else 2, kernels[row["kernel"]])
+            key = (row["capability"], row["head_dim"], 4 if row["dtype"] == "fp32" else 2, row["table_variant"],
+                   kernels[row["kernel"]])
             assert key in ACCEPTED_FAILURES and row["accepted"] == ACCEPTED_FAILURES[key], _row_id(row)
             assert any(note.startswith("accepted") for note in row["notes"]), _row_id(row)
             accepted.setdefault(key, []).append(row)
@@ -160,7 +164,7 @@ for cap, d, size, variant, kernel, dtypes in [
         (90, 128, 2, "plain", "fwd", ("bf16",)), (90, 128, 2, "plain", "dkdv", ("bf16",)),
         (90, 64, 2, "plain", "dq", ("fp16",)), (80, 128, 2, "mask", "dkdv", ("bf16",)),
         (120, 256, 2, "plain", "dq", ("bf16",)), (86, 64, 4, "plain", "fwd", ("fp32",)),
-        (100, 128, 2, "dropout", "dkdv", ("bf16",)), (75, 64, 2, "plain", "fwd", ("fp16",))]:
+        (100, 128, 2, "dropout", "dkdv", ("bf16",))]:
     table_kernel = {"fwd": "forward", "dkdv": "backward_dkdv", "dq": "backward_dq"}[kernel]
     cfg = candidates(cap, d, size, variant)[table_kernel][0]
     jobs += kr.jobs_for_tile(cap, d, size, kernel, cfg, variant, dtypes=dtypes)
@@ -177,7 +181,7 @@ def test_a_sample_recompiles_to_the_committed_figures(committed: dict) -> None:
 
     _skip_without_tools()
     rows = json.loads(_run_python(_SAMPLE_SCRIPT))
-    assert {row["capability"] for row in rows} == set(EXPECTED_SHARED_LIMITS)
+    assert {row["capability"] for row in rows} == set(EXPECTED_SHARED_LIMITS) - {75}  # Turing: UNVETTED_ROWS
     committed_by_name = {row["name"]: row for row in committed["rows"]}
     for row in rows:
         assert not _problems(row), _problems(row)
@@ -273,6 +277,8 @@ def test_every_variant_at_once_compiles_for_gpus() -> None:
     inspection kernels of attention_probs / attention_stats, compile for capability 80 and 90,
     fit shared memory and keep HGMMA. Spills of these rows are recorded by
     `kernel_report --variants`, not checked here."""
+    from fused_attn.kernels.configs import ACCEPTED_FAILURES
+
     missing = _missing_nvidia_tools()
     if missing:
         pytest.skip(f"Triton's NVIDIA backend tools ({', '.join(missing)}) are not installed")
@@ -291,5 +297,6 @@ def test_every_variant_at_once_compiles_for_gpus() -> None:
         assert set(row["features"]) >= {"LIMIT_LEFT", "HAS_ALIBI", "HAS_SOFTCAP", "BIAS_KIND"}
         if row["kernel"] in ("fwd", "dkdv", "dq"):
             assert set(row["features"]) >= {"HAS_DROPOUT", "IS_VARLEN"}
-        if row["capability"] == 90:
-            assert row["hgmma"] > 0
+        table_kernel = {"fwd": "forward", "dkdv": "backward_dkdv", "dq": "backward_dq"}.get(row["kernel"])
+        if row["capability"] == 90 and (90, 128, 2, "all", table_kernel) not in ACCEPTED_FAILURES:
+            assert row["hgmma"] > 0, _row_id(row)  # an accepted row may run HMMA (configs.ACCEPTED_FAILURES)

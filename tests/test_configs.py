@@ -42,7 +42,7 @@ def test_every_row_is_in_the_table_with_tiles_that_fit_it() -> None:
     table = configs.all_candidates()
     expected = {(cap, d, size, variant) for cap in configs.CAPABILITIES for d in configs.HEAD_DIM_BUCKETS
                 for size in configs.ELEMENT_SIZES for variant in configs.VARIANTS
-                if variant == "plain" or configs.has_variant_rows(cap, size)}
+                if variant == "plain" or configs.has_variant_rows(cap, d, size)}
     assert set(table) == expected
     for key, by_kernel in table.items():
         assert set(by_kernel) == set(configs.KERNELS), key
@@ -160,7 +160,7 @@ def test_launcher_reads_the_row_of_the_card_not_another(fake_gpu, monkeypatch: p
     q = torch.empty(1, 1, 4, 64, dtype=torch.float16)
     for capability, shared, row in ((89, 101_376, 86), (121, 101_376, 120), (90, 232_448, 90), (75, 65_536, 75)):
         fake_gpu(capability, shared)
-        (cfg,) = _launch._kernel_candidates("backward_dq", q, 64, 64, "plain", 128, 128)
+        cfg = _launch._kernel_candidates("backward_dq", q, 64, 64, "plain", 128, 128)[0]
         assert cfg.num_stages == row, (capability, cfg)
 
 
@@ -199,8 +199,9 @@ def test_drop_in_wrappers_fall_back_for_what_the_card_cannot_compute(monkeypatch
     assert hf._fallback_reason(torch.nn.Module(), q, 0.0, False, {}) == "the card cannot"
 
 
-def test_fp32_and_turing_variants_run_the_plain_tiles() -> None:
-    assert not configs.has_variant_rows(90, 4) and not configs.has_variant_rows(75, 2)
-    assert configs.has_variant_rows(90, 2) and configs.has_variant_rows(120, 2)
-    for capability, size in ((90, 4), (75, 2), (75, 4)):
-        assert configs.candidates(capability, 64, size, "all") == configs.candidates(capability, 64, size, "plain")
+def test_fp32_turing_and_small_head_dims_run_the_plain_tiles_for_variants() -> None:
+    assert not configs.has_variant_rows(90, 64, 4) and not configs.has_variant_rows(75, 64, 2)
+    assert not configs.has_variant_rows(90, 32, 2)
+    assert configs.has_variant_rows(90, 64, 2) and configs.has_variant_rows(120, 256, 2)
+    for capability, d, size in ((90, 64, 4), (75, 64, 2), (75, 64, 4), (90, 32, 2)):
+        assert configs.candidates(capability, d, size, "all") == configs.candidates(capability, d, size, "plain")

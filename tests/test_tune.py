@@ -135,21 +135,21 @@ def test_launcher_key_matches_file_entries(monkeypatch, tune_dir):
         def element_size() -> int:
             return 2
 
-    table = configs.candidates(90, 128, 2, "mask")["backward_dkdv"]
-    assert len(table) >= 2, "every row keeps a second vetted tile"
+    table = configs.candidates(90, 128, 2, "plain")["backward_dq"]
+    assert len(table) >= 2, "the plain 16-bit rows keep alternatives for the tuner"
     pinned = table[-1]
-    key = tune.TuneKey("backward_dkdv", 128, "bf16", "mask", True, 4096)
+    key = tune.TuneKey("backward_dq", 128, "bf16", "plain", True, 4096)
     _write(tune.results_path(H200.name), [_entry(key, pinned)])
     expected = (pinned, *table[:-1])
-    assert _launch._kernel_candidates("backward_dkdv", FakeQ(), 128, 128, "mask", 3000, 2049) == expected
-    assert _launch._kernel_candidates("backward_dkdv", FakeQ(), 64, 128, "mask", 100, 4096) == expected
+    assert _launch._kernel_candidates("backward_dq", FakeQ(), 128, 128, "plain", 3000, 2049) == expected
+    assert _launch._kernel_candidates("backward_dq", FakeQ(), 64, 128, "plain", 100, 4096) == expected
     # another bucket, an uneven head dim, another variant or kernel: the table's list
-    assert _launch._kernel_candidates("backward_dkdv", FakeQ(), 128, 128, "mask", 4097, 4097) == table
-    assert _launch._kernel_candidates("backward_dkdv", FakeQ(), 120, 128, "mask", 4096, 4096) == table
-    assert _launch._kernel_candidates("backward_dkdv", FakeQ(), 128, 128, "plain", 4096, 4096) == \
-        configs.candidates(90, 128, 2, "plain")["backward_dkdv"]
-    assert _launch._kernel_candidates("forward", FakeQ(), 128, 128, "mask", 4096, 4096) == \
-        configs.candidates(90, 128, 2, "mask")["forward"]
+    assert _launch._kernel_candidates("backward_dq", FakeQ(), 128, 128, "plain", 4097, 4097) == table
+    assert _launch._kernel_candidates("backward_dq", FakeQ(), 120, 128, "plain", 4096, 4096) == table
+    assert _launch._kernel_candidates("backward_dq", FakeQ(), 128, 128, "mask", 4096, 4096) == \
+        configs.candidates(90, 128, 2, "mask")["backward_dq"]
+    assert _launch._kernel_candidates("forward", FakeQ(), 128, 128, "plain", 4096, 4096) == \
+        configs.candidates(90, 128, 2, "plain")["forward"]
 
 
 @pytest.mark.parametrize("device, triton_version", [("NVIDIA A100-SXM4-80GB", triton.__version__),
