@@ -48,6 +48,7 @@ import copy
 import csv
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -397,7 +398,7 @@ def sweep(shapes: Sequence[Shape], device: DeviceInfo, time_fn: TimeFn, *, out_d
     for shape_index, shape in enumerate(shapes):
         candidates = candidates_fn(device.capability, shape.head_dim, shape.dtype.itemsize, "plain",
                                    device.shared_memory)
-        plan = _plan(shape, candidates, sdpa)
+        plan = _plan(shape, candidates, sdpa, tma_kernels_on(device.device, shape))
         if result.stopped:
             for row in plan:
                 emit({**row, "status": "skipped", "reason": result.stopped})
@@ -436,14 +437,43 @@ def _base_row(shape: Shape, provider: str, kernel: str, config: object | None = 
             "vs_shipped": None, "err_o": None, "err_dq": None, "err_dk": None, "err_dv": None, "reason": ""}
 
 
-def _plan(shape: Shape, candidates: dict[str, tuple], sdpa: Sequence[str]) -> list[dict[str, object]]:
-    """Every row one shape produces, in the order the sweep measures them."""
+def _plan(shape: Shape, candidates: dict[str, tuple], sdpa: Sequence[str],
+          tma_kernels: Sequence[str] = ()) -> list[dict[str, object]]:
+    """Every row one shape produces, in the order the sweep measures them. `tma_kernels`: the
+    kernels that load through TMA on this device, each timed again with pointer loads at the end."""
     rows = [_base_row(shape, "fused_attn", kernel, candidates[kernel][0], shipped=True) for kernel in KERNELS]
     rows += [_base_row(shape, "fused_attn", mode) for mode in ("fwd", "fwd+bwd")]
     rows += [_base_row(shape, provider, mode) for provider in sdpa for mode in ("fwd", "fwd+bwd")]
     rows += [_base_row(shape, "fused_attn", kernel, cfg) for kernel in KERNELS for cfg in candidates[kernel][1:]]
     rows.append(_base_row(shape, "fused_attn_best", "fwd+bwd"))
+    rows += [_base_row(shape, POINTER_LOADS, kernel, candidates[kernel][0]) for kernel in tma_kernels]
     return [{**row, "_slot": slot} for slot, row in enumerate(rows)]
+
+
+POINTER_LOADS = "fused_attn_pointer_loads"  # the shipped tile with FUSED_ATTN_TMA=0: does TMA pay?
+
+
+def tma_kernels_on(device: str, shape: Shape) -> tuple[str, ...]:
+    """The kernels that load through TMA for `shape` on `device` (fused_attn._launch.use_tma)."""
+    from fused_attn import _launch
+
+    probe = torch.empty(0, device=device, dtype=shape.dtype)
+    return tuple(kernel for kernel in KERNELS if _launch.use_tma(probe, kernel, shape.head_dim, "plain"))
+
+
+@contextlib.contextmanager
+def _pointer_loads() -> Iterator[None]:
+    from fused_attn import _launch
+
+    saved = os.environ.get(_launch.ENV_TMA)
+    os.environ[_launch.ENV_TMA] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_launch.ENV_TMA, None)
+        else:
+            os.environ[_launch.ENV_TMA] = saved
 
 
 def _sweep_shape(shape: Shape, device: DeviceInfo, candidates: dict[str, tuple], plan: list[dict[str, object]],
@@ -508,7 +538,7 @@ def _sweep_shape(shape: Shape, device: DeviceInfo, candidates: dict[str, tuple],
             done.update({f"err_{name}": err for name, err in errs.items()})
         if row["shipped"]:
             done["vs_shipped"] = 1.0
-        elif kernel in shipped_ms and ms > 0 and row["provider"] == "fused_attn":
+        elif kernel in shipped_ms and ms > 0 and row["provider"] in ("fused_attn", POINTER_LOADS):
             done["vs_shipped"] = shipped_ms[kernel] / ms
         finish(done)
         return ms
@@ -574,17 +604,39 @@ def _sweep_shape(shape: Shape, device: DeviceInfo, candidates: dict[str, tuple],
     row = plan[index]
     if len(best) < len(KERNELS):
         finish({**row, "status": "skipped", "reason": "no passing tile for some kernel"})
+    else:
+        tiles = AttentionConfigs(*(best[kernel][1] for kernel in KERNELS))
+        row = {**row, "config": " ".join(config_label(getattr(tiles, kernel)) for kernel in KERNELS)}
+        try:
+            run = checked_run(q, k, v, do, shape, tiles)
+            passed, errs = compare(run.outputs, check_against, tolerance)
+            timed_row(row, whole(tiles, True), Timed("fused_attn_best", "fwd+bwd", None, shape),
+                      FLOP_FACTOR["fwd+bwd"] * fwd_flops, passed, errs, "best passing tile of each kernel, launchers")
+        except Exception as error:  # noqa: BLE001
+            failed(row, error)
+
+    # The shipped tiles again with pointer loads, for the kernels that use TMA here.
+    pointer_rows = plan[index + 1:]
+    if not pointer_rows:
         return
-    tiles = AttentionConfigs(*(best[kernel][1] for kernel in KERNELS))
-    row = {**row, "config": " ".join(config_label(getattr(tiles, kernel)) for kernel in KERNELS)}
+    guard()
     try:
-        run = checked_run(q, k, v, do, shape, tiles)
+        with _pointer_loads():
+            run = checked_run(q, k, v, do, shape, shipped)
         passed, errs = compare(run.outputs, check_against, tolerance)
     except Exception as error:  # noqa: BLE001
-        failed(row, error)
+        for row in pointer_rows:
+            failed(row, error)
         return
-    timed_row(row, whole(tiles, True), Timed("fused_attn_best", "fwd+bwd", None, shape),
-              FLOP_FACTOR["fwd+bwd"] * fwd_flops, passed, errs, "best passing tile of each kernel, launchers")
+    for row in pointer_rows:
+        guard()
+        launch = run.launch_of(str(row["kernel"]))
+        if launch.kwargs.get("USE_TMA"):
+            finish({**row, "status": "error", "reason": "FUSED_ATTN_TMA=0 did not turn TMA off"})
+            continue
+        timed_row(row, launch, Timed(POINTER_LOADS, str(row["kernel"]), getattr(shipped, str(row["kernel"])), shape),
+                  FLOP_FACTOR[str(row["kernel"])] * fwd_flops, passed, errs,
+                  "shipped tile with pointer loads (FUSED_ATTN_TMA=0); vs_shipped > 1: TMA is slower")
 
 
 def _time_sdpa(row: dict[str, object], provider_name: str, mode: str, shape: Shape, q: torch.Tensor,
@@ -751,6 +803,15 @@ def format_tables(rows: Sequence[dict[str, object]], stopped: str = "") -> str:
                           and r["status"] == "skipped" and str(r["reason"]).startswith("unavailable")})
     lines += [f"- {line}" for line in unavailable[:4]]
 
+    pointer = [r for r in rows if r["provider"] == POINTER_LOADS]
+    if pointer:
+        lines += ["", "## TMA against pointer loads (the shipped tile; speed-up > 1: TMA is faster)", "",
+                  "| D | S | causal | kernel | tile | pointer-load ms | TFLOP/s | TMA speed-up | status |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in pointer:
+            shape = _shape_of(r)
+            lines.append(f"| {shape.head_dim} | {shape.seq} | {shape.causal} | {r['kernel']} | {r['config']} | "
+                         f"{_fmt(r['ms'], 4)} | {_fmt(r['tflops'], 1)} | {_fmt(r['vs_shipped'], 2)} | {r['status']} |")
     lines += ["", "## Winners (tuned JSON; causal and not share an entry)", ""]
     shipped_by_key = {(r["kernel"], r["dtype"], r["head_dim"], seq_bucket(int(r["seq"]))): r["config"]
                       for r in rows if r["provider"] == "fused_attn" and r["shipped"]}  # type: ignore[arg-type]

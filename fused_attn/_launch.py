@@ -8,6 +8,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -135,6 +136,51 @@ def check_dtype_on_device(q: torch.Tensor) -> None:
                    f"fused_attn on capability {capability // 10}.{capability % 10} ({_configs.TARGETS[row].cards}): "
                    "Triton lowers tl.dot to FMA instructions here, without tensor cores; the kernels are correct "
                    "but slow (torch.nn.functional.scaled_dot_product_attention may be faster on this card)")
+
+
+ENV_TMA = "FUSED_ATTN_TMA"
+# Device-side TMA descriptors (tl.make_tensor_descriptor) exist from Triton 3.4 on; older Tritons
+# keep the pointer loads.
+_TRITON_HAS_TMA = hasattr(triton.language, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+def use_tma(q: torch.Tensor, kernel: str, head_dim: int, variant: str) -> bool:
+    """Whether `kernel` ("forward", "backward_dkdv", "backward_dq") loads its streamed tiles (K/V
+    in the forward and dQ, Q/dO in dK/dV) through TMA descriptors for this call: on GPUs of
+    capability 9.0 and newer where configs.uses_tma says the compile report showed it pays.
+    FUSED_ATTN_TMA=0 turns it off; under the interpreter it is off unless FUSED_ATTN_TMA=1 (the
+    tests run the descriptor path that way, for every call). Both paths give the same numbers:
+    the descriptors zero-fill what the masked loads fill with zeros."""
+    setting = os.environ.get(ENV_TMA, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{ENV_TMA} is {setting!r}: expected 0 (pointer loads), 1 (TMA where the device has it) "
+                         "or unset (the default: TMA where the compile report chose it)")
+    if setting == "0" or not _TRITON_HAS_TMA:
+        return False
+    if interpreting():
+        return setting == "1"
+    return q.device.type == "cuda" and _configs.uses_tma(_row(q), kernel, head_dim, q.element_size(), variant)
+
+
+def _row(q: torch.Tensor) -> int:
+    return device_row(q.device.index if q.device.index is not None else torch.cuda.current_device())[2]
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory for the descriptors that the kernels build on the device (128 bytes each)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Kernels that build TMA descriptors need Triton's scratch allocator; install one backed by
+    torch's caching allocator unless the user has set their own (it is per thread or context in
+    newer Tritons, so this runs before every such launch: the backward runs on autograd's thread)."""
+    from triton.runtime import _allocation
+
+    current = _allocation._allocator
+    current = current.get() if hasattr(current, "get") else current
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
 
 
 _WARNED: set[object] = set()
@@ -368,6 +414,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
     o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, head_dim_v), q.dtype)
     block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
     (args, tail), flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
+    tma = use_tma(q, "forward", max(head_dim, head_dim_v), _variant_key(flags))
+    if tma and q.is_cuda:
+        _ensure_tma_allocator()
 
     def launch(cfg: KernelConfig) -> None:
         _kernels._attn_fwd[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
@@ -377,10 +426,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
             *tail,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **flags, SCALE_POSITIVE=variant.scale > 0,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
+            USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
         )
 
-    specialization = (block_d, block_dv, block_d == head_dim, block_dv == head_dim_v, tuple(sorted(flags.items())))
+    specialization = (block_d, block_dv, block_d == head_dim, block_dv == head_dim_v, tma,
+                      tuple(sorted(flags.items())))
     _launch_tiled("forward", _kernel_candidates("forward", q, head_dim, head_dim_v, _variant_key(flags),
                                                 max_q, max_k, launch), q, launch, specialization)
     return o[..., :head_dim_v_out], lse
@@ -425,6 +475,10 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
     (args, tail), variant_flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
     key = _variant_key(variant_flags)
+    tma_dkdv, tma_dq = (use_tma(q, kernel, max(head_dim, head_dim_v), key)
+                        for kernel in ("backward_dkdv", "backward_dq"))
+    if (tma_dkdv or tma_dq) and q.is_cuda:
+        _ensure_tma_allocator()
 
     def launch_dkdv(cfg: KernelConfig) -> None:
         _kernels._attn_bwd_dkdv[_grid(triton.cdiv(max_k, cfg.block_n) * batch * heads_kv)](
@@ -435,7 +489,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             *tail,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, STORE_DBIAS=dbias is not None,
-            **variant_flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+            **variant_flags, USE_TMA=tma_dkdv, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
         )
 
     def launch_dq(cfg: KernelConfig) -> None:
@@ -446,14 +500,14 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             *tail,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **variant_flags,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+            USE_TMA=tma_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
         )
 
     specialization = (block_d, block_dv, block_d == head_dim, block_dv == head_dim_v, dbias is not None,
                       tuple(sorted(variant_flags.items())))
-    for kernel, launch in (("backward_dkdv", launch_dkdv), ("backward_dq", launch_dq)):
+    for kernel, launch, tma in (("backward_dkdv", launch_dkdv, tma_dkdv), ("backward_dq", launch_dq, tma_dq)):
         _launch_tiled(kernel, _kernel_candidates(kernel, q, head_dim, head_dim_v, key, max_q, max_k, launch), q, launch,
-                      specialization)
+                      (*specialization, tma))
     return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out], dbias
 
 

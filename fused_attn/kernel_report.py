@@ -45,10 +45,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fused_attn.kernels.configs import (ACCEPTED_FAILURES, UNVETTED_ROWS, CAPABILITIES, KERNELS as TABLE_KERNELS, TARGETS,
-                                        VARIANTS as TABLE_VARIANTS, AttentionConfigs, KernelConfig, all_candidates,
-                                        all_configs, has_variant_rows, lookup, preprocess_block_m,
-                                        variant_key)
+from fused_attn.kernels.configs import (ACCEPTED_FAILURES, UNVETTED_ROWS, CAPABILITIES, KERNELS as TABLE_KERNELS,
+                                        TARGETS, TMA_KERNELS, TMA_MIN_HEAD_DIM, VARIANTS as TABLE_VARIANTS,
+                                        AttentionConfigs, KernelConfig, all_candidates, all_configs,
+                                        has_variant_rows, lookup, preprocess_block_m, uses_tma, variant_key)
 
 SHARED_MEMORY_LIMITS: dict[int, int] = {cap: target.shared_memory for cap, target in TARGETS.items()}
 """Largest shared memory one block may use, in bytes, per compile target (configs.TARGETS)."""
@@ -84,7 +84,7 @@ FMA_FLOP_PER_CLOCK: dict[int, int] = {75: 128, 80: 128, 86: 256, 90: 256, 100: 2
 
 # Bump when the analysis of a compiled kernel changes (what find_hot_loop, _mma_flops, _signature
 # or _constexprs compute): cached rows and the committed report's fingerprint carry it.
-REPORT_VERSION = 2
+REPORT_VERSION = 3
 ENV_ERROR_EXIT = 3
 DEFAULT_KERNEL_MODULE = "fused_attn.kernels.attention"
 VARIANTS: tuple[str, ...] = ("aligned", "unaligned")
@@ -280,12 +280,12 @@ class Report:
 
 
 def fingerprint(kernel_module: str = DEFAULT_KERNEL_MODULE) -> str:
-    """Hash of what the compiled kernels depend on: the kernel source and the config table (read
-    as files, so it works under the interpreter too)."""
+    """Hash of what the compiled kernels depend on: the kernel source, the config table (read as
+    files, so it works under the interpreter too) and where TMA is used."""
     import hashlib
     import importlib.util
 
-    digest = hashlib.sha256(f"report{REPORT_VERSION}".encode())
+    digest = hashlib.sha256(f"report{REPORT_VERSION}-{_tma_stamp()}".encode())
     for module in (kernel_module, "fused_attn.kernels.config_table"):
         spec = importlib.util.find_spec(module)
         assert spec is not None and spec.origin is not None, module
@@ -429,7 +429,9 @@ def _constexprs(fn: Any, job: CompileJob) -> dict[str, Any]:
                  "BLOCK_DV": job.head_dim, "LIMIT_RIGHT": True, "EVEN_D": job.even_d, "EVEN_DV": job.even_d,
                  "INPUT_PRECISION": job.input_precision,
                  # The plain rows cover calls without attn_mask or variants; `features` turns them on.
-                 "BIAS_KIND": 0, "STORE_DBIAS": False}
+                 "BIAS_KIND": 0, "STORE_DBIAS": False,
+                 # what the launcher does on the target's GPUs (fused_attn._launch.use_tma)
+                 "USE_TMA": _uses_tma(job)}
         known.update({name: (1 if name == "BIAS_KIND" else True) for name in job.features})
     values: dict[str, Any] = {}
     for param in fn.params:
@@ -656,7 +658,15 @@ def _cost(job: CompileJob) -> int:
 
 
 def _job_key(job: CompileJob) -> str:
-    return json.dumps(asdict(job), sort_keys=True)
+    return json.dumps({**asdict(job), "use_tma": _uses_tma(job)}, sort_keys=True)
+
+
+def _uses_tma(job: CompileJob) -> bool:
+    """What the launcher does for this job's calls on the target's GPUs (configs.uses_tma)."""
+    if job.kernel not in _TABLE_KERNEL:
+        return False
+    variant = job.table_variant or variant_key("BIAS_KIND" in job.features, "HAS_DROPOUT" in job.features)
+    return uses_tma(job.capability, _TABLE_KERNEL[job.kernel], job.head_dim, _ELEMENT_SIZES[job.dtype], variant)
 
 
 class RowCache:
@@ -723,6 +733,16 @@ def kernel_stamps(kernel_module: str = DEFAULT_KERNEL_MODULE) -> dict[str, str]:
     module = _kernel_module(kernel_module)
     return {kernel: f"{getattr(module, name).cache_key}-triton{triton.__version__}-report{REPORT_VERSION}"
             for kernel, name in _KERNEL_FUNCTIONS.items() if hasattr(getattr(module, name, None), "cache_key")}
+
+
+def _tma_stamp() -> str:
+    """Where the kernels compile with USE_TMA (configs.uses_tma): part of what the report depends
+    on besides the kernel source and the table."""
+    import hashlib
+
+    text = inspect.getsource(uses_tma) + repr(sorted((cap, sorted(kernels)) for cap, kernels in TMA_KERNELS.items()))
+    text += f"min head dim {TMA_MIN_HEAD_DIM}"
+    return "tma" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def run_report(table: Mapping[tuple[int, int, int, str], AttentionConfigs] | None = None, *, workers: int = 2,

@@ -18,6 +18,10 @@ Every variant is a constexpr of the same kernels:
                  query head, row, key), so the backward regenerates the very same mask.
     IS_VARLEN    packed sequences: CU_SEQLENS_Q/K hold each sequence's start, and seq_q/seq_k
                  arrive as the longest lengths (they size the grid).
+    USE_TMA      the streamed tiles (K and V in the forward and dQ kernels, Q and dO in dK/dV) are
+                 loaded through TMA descriptors built on the device (capability 9.0+); a
+                 descriptor's box reads zeros past the sequence and the head dim, as the masked
+                 loads do, so both paths give the same numbers.
 Per program the key (or query) range is split into tiles that need no mask, which run through
 the fast loop, and tiles that cross the band's edges or the ragged end, which run through the
 masked loop; tiles outside the band are never visited. Base offsets are 64-bit so tensors with
@@ -213,7 +217,22 @@ def _query_range(start_n, seq_q, seq_k, window_left, window_right, BLOCK_M: tl.c
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+def _rows_descriptor(base, rows, cols, stride_row, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                     USE_TMA: tl.constexpr):
+    """A TMA descriptor of the (rows, cols) matrix at `base` (row stride `stride_row`, unit column
+    stride) read in (BLOCK_ROWS, BLOCK_COLS) boxes, or `base` itself without TMA. The copy engine
+    fills a box's part past `rows` or `cols` with zeros, as the masked loads do, and loads need
+    fewer registers for addresses. The launcher enables it on capability 9.0+ only, where its
+    inputs are 16-byte aligned with strides in multiples of 16 elements (_launch._aligned)."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[rows, cols], strides=[stride_row, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_COLS])
+    else:
+        return base
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
                     bias_base, stride_bias_m, stride_bias_n, alibi_slope_log2,
                     offs_m, offs_n, offs_d, offs_dv, tile_start, tile_end,
                     seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2,
@@ -222,14 +241,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                     MASK_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                     BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    SCALE_POSITIVE: tl.constexpr):
+                    SCALE_POSITIVE: tl.constexpr, USE_TMA: tl.constexpr):
     k_offsets = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offsets = offs_n[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(tile_start, tile_end, BLOCK_N):
         cols = start_n + offs_n
         k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kn + k_offsets
         v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offsets
-        if MASKED:
+        if USE_TMA:  # the copy engine zero-fills rows past seq_k and columns past head_dim
+            k = k_desc.load([start_n, 0])
+        elif MASKED:
             k = tl.load(k_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
         elif EVEN_D:
             k = tl.load(k_ptrs)
@@ -259,7 +280,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
         alpha = tl.math.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
-        if MASKED:
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        elif MASKED:
             # Rows past seq_k load as 0: 0 * garbage could be NaN otherwise.
             v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_dv[None, :] < head_dim_v), other=0.0)
         elif EVEN_DV:
@@ -289,7 +312,7 @@ def _attn_fwd(
     LIMIT_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
     EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, LIMIT_LEFT: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
-    IS_VARLEN: tl.constexpr = False, SCALE_POSITIVE: tl.constexpr = True,
+    IS_VARLEN: tl.constexpr = False, SCALE_POSITIVE: tl.constexpr = True, USE_TMA: tl.constexpr = False,
 ):
     """One program computes one BLOCK_M tile of queries of one (batch, query head)."""
     pid = tl.program_id(0)
@@ -315,6 +338,8 @@ def _attn_fwd(
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
+    k_desc = _rows_descriptor(k_base, seq_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, USE_TMA)
+    v_desc = _rows_descriptor(v_base, seq_k, head_dim_v, stride_vn, BLOCK_N, BLOCK_DV, USE_TMA)
 
     offs_tile_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_tile_m
@@ -333,24 +358,24 @@ def _attn_fwd(
                                                   BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     if LIMIT_LEFT:  # tiles crossing the band's left edge
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
             alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, lo, tl.minimum(unmasked_lo, hi), seq_q, seq_k,
             head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
             dropout_p, dropout_seed, batch, head, BLOCK_N, True, True, LIMIT_RIGHT, EVEN_D, EVEN_DV,
-            BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE)
+            BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE, USE_TMA)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
         alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, unmasked_lo, unmasked_hi, seq_q, seq_k,
         head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
         dropout_p, dropout_seed, batch, head, BLOCK_N, False, False, False, EVEN_D, EVEN_DV,
-        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE)
+        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE, USE_TMA)
     # tiles crossing the right edge (the causal diagonal) and the ragged end of the keys
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, bias_base, stride_bias_m, stride_bias_n,
         alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, tl.maximum(unmasked_lo, unmasked_hi), hi, seq_q, seq_k,
         head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right,
         dropout_p, dropout_seed, batch, head, BLOCK_N, True, False, LIMIT_RIGHT, EVEN_D, EVEN_DV,
-        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE)
+        BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE, USE_TMA)
 
     # A row with no visible key returns 0 and an lse of -inf. The band and the mask leave it
     # l = 0 exactly (p = 0 everywhere), while a visible key gives l >= 1 and a NaN score makes l
@@ -409,7 +434,7 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_log2_base, delta_base, stride_qm, stride_dom,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_log2_base, delta_base, stride_qm, stride_dom,
                          bias_base, stride_bias_m, stride_bias_n, dbias_base, alibi_slope_log2,
                          offs_n, offs_d, offs_dv, tile_start, tile_end, seq_q, seq_k,
                          head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2,
@@ -418,7 +443,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_log2_base, delta_bas
                          MASK_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                          BIAS_KIND: tl.constexpr, STORE_DBIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                         EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dK and dV of one key tile over query tiles [tile_start, tile_end)."""
     offs_tile_m = tl.arange(0, BLOCK_M)
     q_offsets = offs_tile_m[:, None] * stride_qm + offs_d[None, :]
@@ -430,7 +455,17 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_log2_base, delta_bas
         # Rows past seq_q load as zeros (q, do, delta) and their scores are -inf (CHECK_ROWS), so
         # their p is exactly 0 and they add nothing to dK and dV, whatever k holds. Keys past
         # seq_k need no check: their rows of dK and dV are never stored, and p <= 1 cannot overflow.
-        if MASKED:
+        if USE_TMA:  # zero-filled past seq_q and the head dims, as the masked loads below
+            q = q_desc.load([start_m, 0])
+            do = do_desc.load([start_m, 0])
+            if MASKED:
+                rows = offs_m < seq_q
+                lse_log2 = tl.load(lse_log2_base + offs_m, mask=rows, other=0.0)
+                delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
+            else:
+                lse_log2 = tl.load(lse_log2_base + offs_m)
+                delta = tl.load(delta_base + offs_m)
+        elif MASKED:
             rows = offs_m < seq_q
             q = tl.load(q_ptrs, mask=rows[:, None] & (offs_d[None, :] < head_dim), other=0.0)
             do = tl.load(do_ptrs, mask=rows[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
@@ -491,7 +526,7 @@ def _attn_bwd_dkdv(
     LIMIT_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
     STORE_DBIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     LIMIT_LEFT: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
-    HAS_DROPOUT: tl.constexpr = False, IS_VARLEN: tl.constexpr = False,
+    HAS_DROPOUT: tl.constexpr = False, IS_VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     """One program owns one BLOCK_N tile of keys of one (batch, k/v head) and sums the
     contributions of every query head of its group: no atomics, so results are deterministic."""
@@ -528,6 +563,8 @@ def _attn_bwd_dkdv(
         do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
         lse_log2_base = LSE_LOG2 + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
         delta_base = DELTA + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
+        q_desc = _rows_descriptor(q_base, seq_q, head_dim, stride_qm, BLOCK_M, BLOCK_D, USE_TMA)
+        do_desc = _rows_descriptor(do_base, seq_q, head_dim_v, stride_dom, BLOCK_M, BLOCK_DV, USE_TMA)
         bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
         dbias_base = DBIAS + (batch * num_heads_q + head).to(tl.int64) * seq_q * seq_k
         alibi_slope_log2 = 0.0
@@ -535,27 +572,27 @@ def _attn_bwd_dkdv(
             alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
         if LIMIT_RIGHT:  # query tiles crossing the band's right edge (the causal diagonal)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_log2_base, delta_base, stride_qm, stride_dom,
+                dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_log2_base, delta_base, stride_qm, stride_dom,
                 bias_base, stride_bias_m, stride_bias_n, dbias_base, alibi_slope_log2,
                 offs_n, offs_d, offs_dv, lo, tl.minimum(unmasked_lo, hi), seq_q, seq_k, head_dim, head_dim_v,
                 qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right, dropout_p, dropout_seed,
                 batch, head, BLOCK_M, True, LIMIT_LEFT, True, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
-                HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+                HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, USE_TMA)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_log2_base, delta_base, stride_qm, stride_dom,
+            dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_log2_base, delta_base, stride_qm, stride_dom,
             bias_base, stride_bias_m, stride_bias_n, dbias_base, alibi_slope_log2,
             offs_n, offs_d, offs_dv, unmasked_lo, unmasked_hi, seq_q, seq_k, head_dim, head_dim_v,
             qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right, dropout_p, dropout_seed,
             batch, head, BLOCK_M, False, False, False, EVEN_D, EVEN_DV, BIAS_KIND, STORE_DBIAS,
-            HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+            HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, USE_TMA)
         # query tiles crossing the band's left edge, and the ragged end of the queries
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_log2_base, delta_base, stride_qm, stride_dom,
+            dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_log2_base, delta_base, stride_qm, stride_dom,
             bias_base, stride_bias_m, stride_bias_n, dbias_base, alibi_slope_log2,
             offs_n, offs_d, offs_dv, tl.maximum(unmasked_lo, unmasked_hi), hi, seq_q, seq_k, head_dim,
             head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left, window_right, dropout_p,
             dropout_seed, batch, head, BLOCK_M, True, LIMIT_LEFT, False, EVEN_D, EVEN_DV, BIAS_KIND,
-            STORE_DBIAS, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+            STORE_DBIAS, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, USE_TMA)
 
     dk = dk * scale
     store_k = col_ok[:, None] & (offs_d[None, :] < head_dim)
@@ -569,7 +606,7 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn,
+def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
                        bias_base, stride_bias_m, stride_bias_n, alibi_slope_log2,
                        offs_m, offs_n, offs_d, offs_dv, tile_start, tile_end, seq_q, seq_k,
                        head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2,
@@ -577,14 +614,18 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, st
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr,
                        MASK_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                        BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       USE_TMA: tl.constexpr):
     k_offsets = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offsets = offs_n[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(tile_start, tile_end, BLOCK_N):
         cols = start_n + offs_n
         k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kn + k_offsets
         v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offsets
-        if MASKED:
+        if USE_TMA:  # zero-filled past seq_k and the head dims, as the masked loads below
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        elif MASKED:
             k = tl.load(k_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
             v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_dv[None, :] < head_dim_v), other=0.0)
         elif EVEN_D and EVEN_DV:
@@ -627,7 +668,7 @@ def _attn_bwd_dq(
     LIMIT_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BIAS_KIND: tl.constexpr,
     EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, LIMIT_LEFT: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
-    IS_VARLEN: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     """One program computes dQ for one BLOCK_M tile of queries of one (batch, query head)."""
     pid = tl.program_id(0)
@@ -665,29 +706,31 @@ def _attn_bwd_dq(
         alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
     k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
     v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
+    k_desc = _rows_descriptor(k_base, seq_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, USE_TMA)
+    v_desc = _rows_descriptor(v_base, seq_k, head_dim_v, stride_vn, BLOCK_N, BLOCK_DV, USE_TMA)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, unmasked_lo, unmasked_hi, hi = _key_range(start_m, seq_q, seq_k, window_left, window_right,
                                                   BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     if LIMIT_LEFT:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m,
+            dq, q, do, lse_log2, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, bias_base, stride_bias_m,
             stride_bias_n, alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, lo, tl.minimum(unmasked_lo, hi),
             seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left,
             window_right, dropout_p, dropout_seed, batch, head, BLOCK_N, True, True, LIMIT_RIGHT, EVEN_D,
-            EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+            EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, USE_TMA)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m,
+        dq, q, do, lse_log2, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, bias_base, stride_bias_m,
         stride_bias_n, alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, unmasked_lo, unmasked_hi,
         seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left,
         window_right, dropout_p, dropout_seed, batch, head, BLOCK_N, False, False, False, EVEN_D,
-        EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+        EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, USE_TMA)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_bias_m,
+        dq, q, do, lse_log2, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, bias_base, stride_bias_m,
         stride_bias_n, alibi_slope_log2, offs_m, offs_n, offs_d, offs_dv, tl.maximum(unmasked_lo, unmasked_hi), hi,
         seq_q, seq_k, head_dim, head_dim_v, qk_scale_log2, softcap_in, softcap_out_log2, window_left,
         window_right, dropout_p, dropout_seed, batch, head, BLOCK_N, True, False, LIMIT_RIGHT, EVEN_D,
-        EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION)
+        EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, USE_TMA)
 
     dq = dq * scale
     dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + tl.cast(q_start, tl.int64) * stride_dqm

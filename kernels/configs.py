@@ -62,6 +62,28 @@ TARGETS: dict[int, Target] = {t.capability: t for t in (
 """Shared-memory limits: CUDA's per-block opt-in maximum of each compute capability."""
 
 CAPABILITIES = tuple(TARGETS)
+TMA_KERNELS: dict[int, frozenset[str]] = {
+    90: frozenset({"forward", "backward_dkdv", "backward_dq"}),
+    100: frozenset({"forward", "backward_dq"}),
+    120: frozenset({"forward"}),
+}
+TMA_MIN_HEAD_DIM = 64
+"""Where the kernels load their streamed tiles through TMA descriptors (capability 9.0 and newer
+have the copy engine): the kernels of TMA_KERNELS of a table row, for fp16/bf16 calls without a
+float/bool mask or dropout (the "plain" variant key) at head-dim buckets >= TMA_MIN_HEAD_DIM.
+Chosen by the compile report (static figures, Triton 3.9; no GPU has timed it). On sm_90 the
+plain 16-bit kernels need 10-50 fewer registers and 3-11% fewer hot-loop instructions with TMA,
+as do the sm_100 forward and dQ and the sm_120 forward. Elsewhere TMA brings register spills
+into the inner loop: the sm_100 and sm_120 dK/dV, the sm_120 dQ, exact fp32 (whose FMA dots
+hold their operands in registers), the mask and dropout rows, and a head dim of 32 on sm_100."""
+
+
+def uses_tma(row: int, kernel: str, head_dim: int, element_size: int, variant: str) -> bool:
+    """Whether `kernel` ("forward", "backward_dkdv", "backward_dq") loads through TMA on a card
+    of table row `row` for a call of this head dim (the larger of q/k and v), element size and
+    variant key (see TMA_KERNELS)."""
+    return (element_size == 2 and variant == "plain" and head_dim_bucket(head_dim) >= TMA_MIN_HEAD_DIM
+            and kernel in TMA_KERNELS.get(row, frozenset()))
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 ELEMENT_SIZES = (2, 4)
 KERNELS = ("forward", "backward_dkdv", "backward_dq")

@@ -226,6 +226,33 @@ def test_the_checks_catch_the_tiles_issue_12_found(tmp_path: Path) -> None:
             entry["capability"] == 80
 
 
+_TMA_SCRIPT = """
+import json, tempfile
+from pathlib import Path
+from fused_attn import kernel_report as kr
+kr.check_environment()
+found = {}
+for capability, kernel in ((80, "dq"), (90, "dq"), (120, "fwd"), (120, "dq")):
+    job = kr.CompileJob(capability, 64, "bf16", kernel, 64, 64, 4, 2, "tf32", even_d=True)
+    fn = getattr(kr._kernel_module(kr.DEFAULT_KERNEL_MODULE), kr._KERNEL_FUNCTIONS[kernel])
+    with tempfile.TemporaryDirectory() as tmp:
+        report = kr.compile_one(job, dump_dir=tmp)
+        sass = (Path(tmp) / f"{job.name}.sass").read_text()
+    found[f"{capability}-{kernel}"] = [kr._constexprs(fn, job)["USE_TMA"], "UTMALDG" in sass, report.ok]
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.compile
+def test_tma_loads_are_compiled_where_the_launcher_uses_them() -> None:
+    """The report compiles what the launcher runs (configs.TMA_KERNELS): on sm_90 the streamed
+    tiles are TMA copies (UTMALDG); sm_80 has no TMA; sm_120 uses it in the forward only."""
+    _skip_without_tools()
+    found = json.loads(_run_python(_TMA_SCRIPT))
+    assert found == {"80-dq": [False, False, True], "90-dq": [True, True, True], "120-fwd": [True, True, True],
+                     "120-dq": [False, False, True]}
+
+
 def test_hot_loop_is_the_loop_without_selects() -> None:
     """On a hand-written SASS: two MMA loops (a masked one with selects, an unmasked one with an
     LDL and a barrier-wait retry loop inside it), an outer loop, and a loop without MMA: the

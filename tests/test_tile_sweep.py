@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -371,3 +372,25 @@ def test_tile_sweep_on_cuda(tmp_path: Path) -> None:
     assert {r["provider"] for r in result.rows if r["status"] == "ok"} >= {"fused_attn", "sdpa_flash"}
     data = json.loads((tmp_path / tile_sweep.json_name(device)).read_text())
     assert data["device"] == torch.cuda.get_device_name() and len(data["entries"]) == 3
+
+
+@cpu_only
+def test_tma_kernels_are_timed_again_with_pointer_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernels load through TMA (FUSED_ATTN_TMA=1 turns it on in the interpreter), each
+    shipped tile is timed again with pointer loads, its outputs checked, and the ratio reported."""
+    monkeypatch.setenv("FUSED_ATTN_TMA", "1")
+    assert tile_sweep.tma_kernels_on("cpu", SHAPES[0]) == tile_sweep.KERNELS
+    calls: list = []
+    result = tile_sweep.sweep(SHAPES[:1], FAKE_GPU, fake_time_fn(calls), out_dir=tmp_path,
+                              candidates_fn=fake_candidates, log=lambda line: None)
+    pointer = [r for r in result.rows if r["provider"] == tile_sweep.POINTER_LOADS]
+    assert [r["kernel"] for r in pointer] == list(tile_sweep.KERNELS)
+    assert all(r["status"] == "ok" and r["config"] == "32x32w4s1" for r in pointer)
+    assert all(r["err_o"] == 0.0 for r in pointer)  # the same numbers as the TMA run it is checked against
+    assert [r["vs_shipped"] for r in pointer] == [1.0, 1.0, 1.0]  # the fake timer gives both paths one time
+    timed = [what for what in calls if what.provider == tile_sweep.POINTER_LOADS]
+    assert [what.kernel for what in timed] == list(tile_sweep.KERNELS)
+    assert "## TMA against pointer loads" in (tmp_path / "tile_sweep.md").read_text()
+    assert os.environ["FUSED_ATTN_TMA"] == "1"  # the sweep's FUSED_ATTN_TMA=0 was undone
+    monkeypatch.delenv("FUSED_ATTN_TMA")
+    assert tile_sweep.tma_kernels_on("cpu", SHAPES[0]) == ()  # the interpreter's default: no rows added
