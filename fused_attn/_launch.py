@@ -175,11 +175,15 @@ def _ensure_tma_allocator() -> None:
     """Kernels that build TMA descriptors need Triton's scratch allocator; install one backed by
     torch's caching allocator unless the user has set their own (it is per thread or context in
     newer Tritons, so this runs before every such launch: the backward runs on autograd's thread)."""
-    from triton.runtime import _allocation
+    try:  # a private module: if a later Triton moves it, install ours (the launch needs one)
+        from triton.runtime import _allocation
 
-    current = _allocation._allocator
-    current = current.get() if hasattr(current, "get") else current
-    if isinstance(current, _allocation.NullAllocator):
+        current = _allocation._allocator
+        current = current.get() if hasattr(current, "get") else current
+        missing = isinstance(current, _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        missing = True
+    if missing:
         triton.set_allocator(_tma_scratch)
 
 
