@@ -272,7 +272,7 @@ def forward_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
 
     variant = _variant(shape)
     o, lse = attention_forward(q, k, v, variant)
-    dq, dk, dv, _ = attention_backward(do, q, k, v, o, lse, variant)
+    dq, dk, dv, _, _ = attention_backward(do, q, k, v, o, lse, variant)
     return {"o": o, "dq": dq, "dk": dk, "dv": dv}
 
 

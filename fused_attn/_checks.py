@@ -171,6 +171,24 @@ def check_alibi_slopes(alibi_slopes: torch.Tensor | None, batch: int, heads_q: i
     return alibi_slopes.detach().to(torch.float32).contiguous()
 
 
+def check_sinks(sinks: torch.Tensor | None, heads_q: int, device: torch.device) -> torch.Tensor | None:
+    """Attention sinks: a float tensor (Hq,), one logit per query head, on q's device; it may
+    require grad (a learnable sink gets its gradient). Returned as given: the op copies it to
+    float32 for the kernels, so autograd still sees the caller's tensor."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+    if not sinks.dtype.is_floating_point:
+        raise TypeError(f"sinks must have a float dtype, got {str(sinks.dtype).replace('torch.', '')}")
+    if tuple(sinks.shape) != (heads_q,):
+        raise ValueError(f"sinks must have shape (heads_q,) = ({heads_q},): one logit per query head, "
+                         f"got {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks must be on q's device {device}, got {sinks.device}")
+    return sinks
+
+
 def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> int:
     """Validate packed q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) and their

@@ -51,11 +51,14 @@ def _from_4d(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def _variant(bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
              cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float, window_left: int,
-             window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int) -> Variant:
+             window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
+             sinks: torch.Tensor | None = None) -> Variant:
     seed = int(dropout_seed.item()) if dropout_p > 0 and dropout_seed is not None else 0
+    # The kernels read the sinks as a dense float32 array; a parameter in another dtype is copied.
+    sinks = None if sinks is None else sinks.detach().to(torch.float32).contiguous()
     return Variant(scale=scale, window_left=window_left, window_right=window_right, softcap=softcap, bias=bias,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=seed, cu_seqlens_q=cu_seqlens_q,
-                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, sinks=sinks)
 
 
 @torch.library.custom_op("fused_attn::attention_forward", mutates_args=())
@@ -63,13 +66,15 @@ def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
                          alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
                          cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float,
                          window_left: int, window_right: int, softcap: float, dropout_p: float,
-                         max_seqlen_q: int, max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         max_seqlen_q: int, max_seqlen_k: int, sinks: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32; for packed input (q (total_q, Hq, D)
     with cu_seqlens) o (total_q, Hq, Dv) and lse (Hq, total_q). Causal is window_right = 0.
-    `dropout_seed` is an int64 scalar tensor (read only when dropout_p > 0). Inputs are validated
-    by the caller."""
+    `dropout_seed` is an int64 scalar tensor (read only when dropout_p > 0). `sinks` (Hq,): one
+    attention-sink logit per query head, merged into the softmax denominator and so into the lse.
+    Inputs are validated by the caller."""
     variant = _variant(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left,
-                       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+                       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, sinks)
     o, lse = attention_forward(_as_4d(q), _as_4d(k), _as_4d(v), variant)
     return _in_layout_of(q, _from_4d(q, o)), lse
 
@@ -78,7 +83,8 @@ def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
       alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
       dropout_seed: torch.Tensor | None, scale: float, window_left: int, window_right: int, softcap: float,
-      dropout_p: float, max_seqlen_q: int, max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+      dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, sinks: torch.Tensor | None = None
+      ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.dim() == 3:
         total_q, heads_q, _ = q.shape
         return q.new_empty((total_q, heads_q, v.shape[2])), q.new_empty((heads_q, total_q), dtype=torch.float32)
@@ -93,19 +99,23 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
                           cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float,
                           window_left: int, window_right: int, softcap: float, dropout_p: float,
-                          max_seqlen_q: int, max_seqlen_k: int, bias_grad: bool, dlse: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv with the shapes and dtypes of q, k, v, and the float32 score gradient
-    (B, Hq, Sq, Sk) when `bias_grad` (an empty tensor otherwise), for the gradient `do` of o and,
-    when given, `dlse` of lse (lse's shape). Deterministic: no atomics."""
+                          max_seqlen_q: int, max_seqlen_k: int, bias_grad: bool, dlse: torch.Tensor | None = None,
+                          sinks: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv with the shapes and dtypes of q, k, v, the float32 score gradient
+    (B, Hq, Sq, Sk) when `bias_grad` (an empty tensor otherwise) and the float32 gradient of
+    `sinks` (Hq,) when given (an empty tensor otherwise), for the gradient `do` of o and, when
+    given, `dlse` of lse (lse's shape). Deterministic: no atomics."""
     variant = _variant(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left,
-                       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
-    dq, dk, dv, dbias = attention_backward(_as_4d(do), _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse,
-                                           variant, bias_grad, dlse)
+                       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, sinks)
+    dq, dk, dv, dbias, dsinks = attention_backward(_as_4d(do), _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse,
+                                                   variant, bias_grad, dlse)
     if dbias is None:
         dbias = q.new_empty((0,), dtype=torch.float32)
+    if dsinks is None:
+        dsinks = q.new_empty((0,), dtype=torch.float32)
     return (_in_layout_of(q, _from_4d(q, dq)), _in_layout_of(k, _from_4d(k, dk)), _in_layout_of(v, _from_4d(v, dv)),
-            dbias)
+            dbias, dsinks)
 
 
 @attention_backward_op.register_fake
@@ -113,25 +123,29 @@ def _(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: to
       lse: torch.Tensor, bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None,
       scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int,
-      max_seqlen_k: int, bias_grad: bool, dlse: torch.Tensor | None = None
-      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+      max_seqlen_k: int, bias_grad: bool, dlse: torch.Tensor | None = None, sinks: torch.Tensor | None = None
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dsinks = q.new_empty((0,) if sinks is None else (sinks.shape[0],), dtype=torch.float32)
     if q.dim() == 3:
         grads = tuple(t.new_empty(t.shape) for t in (q, k, v))
-        return (*grads, q.new_empty((0,), dtype=torch.float32))  # type: ignore[return-value]
+        return (*grads, q.new_empty((0,), dtype=torch.float32), dsinks)  # type: ignore[return-value]
     batch, heads_q, seq_q, _ = q.shape
     dbias_shape = (batch, heads_q, seq_q, k.shape[2]) if bias_grad else (0,)
     grads = tuple(_empty_like_layout(t, tuple(t.shape), t.dtype) for t in (q, k, v))
-    return (*grads, q.new_empty(dbias_shape, dtype=torch.float32))  # type: ignore[return-value]
+    return (*grads, q.new_empty(dbias_shape, dtype=torch.float32), dsinks)  # type: ignore[return-value]
 
 
 _TENSOR_INPUTS = 8  # q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed
+_SETTINGS = 7  # scale, window_left, window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k; then sinks
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed = inputs[:_TENSOR_INPUTS]
+    sinks = inputs[_TENSOR_INPUTS + _SETTINGS] if len(inputs) > _TENSOR_INPUTS + _SETTINGS else None
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed)
-    ctx.settings = inputs[_TENSOR_INPUTS:]  # scale, window_left, window_right, softcap, dropout_p, max_seqlen_q/k
+    ctx.save_for_backward(q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, sinks)
+    ctx.settings = inputs[_TENSOR_INPUTS:_TENSOR_INPUTS + _SETTINGS]
+    ctx.num_inputs = len(inputs)
     # An unused lse then arrives as None, not as a tensor of zeros allocated for every backward.
     ctx.set_materialize_grads(False)
 
@@ -140,14 +154,18 @@ def _backward(ctx: Any, do: torch.Tensor | None, dlse: torch.Tensor | None) -> t
     """Gradients of q, k, v (and a float mask) from those of o and of lse: the lse is
     differentiable (d lse / d score = p), which attention sinks and merging partial results over
     key blocks need."""
-    q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
+    q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, sinks = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     if do is None:  # only the lse was used
         do = torch.zeros_like(o)
-    dq, dk, dv, dbias = attention_backward_op(do, q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                                              dropout_seed, *ctx.settings, bias_grad, dlse)
-    no_grads = (None,) * (_TENSOR_INPUTS - 4 + len(ctx.settings))
-    return (dq, dk, dv, dbias.to(bias.dtype) if bias_grad else None, *no_grads)
+    dq, dk, dv, dbias, dsinks = attention_backward_op(do, q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q,
+                                                      cu_seqlens_k, dropout_seed, *ctx.settings, bias_grad, dlse,
+                                                      sinks)
+    grads: list[torch.Tensor | None] = [None] * ctx.num_inputs
+    grads[:4] = dq, dk, dv, dbias.to(bias.dtype) if bias_grad else None
+    if sinks is not None and ctx.needs_input_grad[_TENSOR_INPUTS + _SETTINGS]:
+        grads[_TENSOR_INPUTS + _SETTINGS] = dsinks.to(sinks.dtype)
+    return tuple(grads)
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -155,7 +173,8 @@ attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, window: tuple[int, int] = (-1, -1),
             bias: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0,
-            dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None, sinks: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward op for padded input with keywords (causal is window (-1, 0)): o, lse."""
     return attention_forward_op(q, k, v, bias, alibi_slopes, None, None, dropout_seed, scale, window[0], window[1],
-                                softcap, dropout_p, 0, 0)
+                                softcap, dropout_p, 0, 0, sinks)

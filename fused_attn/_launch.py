@@ -336,6 +336,7 @@ class Variant:
     window_left / window_right: -1 is unbounded; causal is window_right = 0 (merged in by the caller).
     softcap: 0 is off. dropout_p: 0 is off, and then dropout_seed is unused.
     cu_seqlens_q / cu_seqlens_k: int32 (num_seqs + 1,) for packed input, with max_seqlen_q / _k.
+    sinks: float32 (Hq,) contiguous, one attention-sink logit per query head, or None.
     """
 
     scale: float
@@ -350,6 +351,7 @@ class Variant:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    sinks: torch.Tensor | None = None
 
     @property
     def is_varlen(self) -> bool:
@@ -412,7 +414,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if batch * heads_q * max_q == 0 or max_k == 0:
         o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, head_dim_v_out), q.dtype)
-        return o.zero_(), lse.fill_(-math.inf)  # no key at all: every row attends to nothing
+        lse.fill_(-math.inf)  # no key at all: every row attends to nothing (or only to its sink)
+        if variant.sinks is not None:
+            lse.copy_(variant.sinks.view(-1, 1) if variant.is_varlen else variant.sinks.view(1, -1, 1).expand_as(lse))
+        return o.zero_(), lse
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     head_dim, head_dim_v = q.shape[3], v.shape[3]
     o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, head_dim_v), q.dtype)
@@ -422,9 +427,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
     if tma and q.is_cuda:
         _ensure_tma_allocator()
 
+    sinks = variant.sinks
+    flags["HAS_SINKS"] = sinks is not None  # the forward's epilogue only: the backward reads the merged lse
+
     def launch(cfg: KernelConfig) -> None:
         _kernels._attn_fwd[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
-            q, k, v, o, lse,
+            q, k, v, o, lse, sinks if sinks is not None else lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *args,
             heads_q, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, variant.scale * math.log2(math.e),
             *tail,
@@ -444,17 +452,24 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        o: torch.Tensor, lse: torch.Tensor, variant: Variant, bias_grad: bool = False,
                        dlse: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """dq, dk, dv with the shapes, dtypes and layouts of q, k, v, and with `bias_grad` the float32
-    gradient of the scores, (B, Hq, Sq, Sk) (the bias's gradient before broadcasting is undone).
-    `dlse`, the gradient of the lse (lse's shape), when the caller used the lse. Deterministic:
-    no atomics."""
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """dq, dk, dv with the shapes, dtypes and layouts of q, k, v, with `bias_grad` the float32
+    gradient of the scores, (B, Hq, Sq, Sk) (the bias's gradient before broadcasting is undone),
+    and with sinks their float32 gradient (Hq,) (else None). `dlse`, the gradient of the lse
+    (lse's shape), when the caller used the lse. Deterministic: no atomics.
+
+    The forward's lse already holds the sinks, so the kernels' p = exp(score - lse) are the
+    probabilities of the real keys; a sink only adds its own gradient, p_sink * (dlse - rowsum(dO * O))
+    = -p_sink * delta per row, summed here over batch and rows."""
     _, heads_q, seq_q, head_dim_out = q.shape
     heads_kv, seq_k, head_dim_v_out = k.shape[1], k.shape[2], v.shape[3]
     batch, max_q, max_k = _problem(q, k, variant)
     dbias = torch.zeros((batch, heads_q, seq_q, seq_k), dtype=torch.float32, device=q.device) if bias_grad else None
     if batch * heads_q * max_q == 0 or max_k == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+        # No key: a sink-only row has lse = sink and o = 0, so only dlse reaches the sink.
+        dsinks = None if variant.sinks is None else _sink_grad(variant.sinks, lse, -dlse if dlse is not None else None,
+                                                               variant.is_varlen)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, dsinks
     if do.stride(-1) != 1:
         do = do.contiguous()
     q, k, v, o, do = _aligned(q), _aligned(k), _aligned(v), _aligned(o), _aligned(do)
@@ -476,6 +491,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         o, do, lse, dlse if dlse is not None else lse, delta, lse_log2, *_strides3(o), *_strides3(do),
         heads_q, seq_q, head_dim_v, BLOCK_M=pre_block, BLOCK_DV=block_dv, HAS_DLSE=dlse is not None,
     )
+    dsinks = None if variant.sinks is None else _sink_grad(variant.sinks, lse, delta, variant.is_varlen)
 
     (args, tail), variant_flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
     key = _variant_key(variant_flags)
@@ -512,7 +528,21 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     for kernel, launch, tma in (("backward_dkdv", launch_dkdv, tma_dkdv), ("backward_dq", launch_dq, tma_dq)):
         _launch_tiled(kernel, _kernel_candidates(kernel, q, head_dim, head_dim_v, key, max_q, max_k, launch), q, launch,
                       (*specialization, tma))
-    return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out], dbias
+    return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out], dbias, dsinks
+
+
+def _sink_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor | None, is_varlen: bool) -> torch.Tensor:
+    """float32 (Hq,): d loss / d sink_h = -sum over batch and rows of p_sink * delta, p_sink =
+    exp(sink_h - lse) (0 for a row whose lse is -inf: no key and a -inf sink). lse and delta are
+    (B, Hq, Sq), or (Hq, total_q) for packed input. A fixed-order torch reduction: deterministic."""
+    if delta is None:
+        return torch.zeros_like(sinks)
+    head_axis = 0 if is_varlen else 1
+    shape = [1] * lse.dim()
+    shape[head_axis] = -1
+    p_sink = torch.exp(sinks.view(shape) - lse).masked_fill(lse == -math.inf, 0.0)
+    other_axes = [axis for axis in range(lse.dim()) if axis != head_axis]
+    return -(p_sink * delta).sum(dim=other_axes)
 
 
 @_serialized_when_interpreting

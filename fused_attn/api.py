@@ -6,7 +6,7 @@ import torch
 
 from fused_attn import _launch
 from fused_attn._checks import (check_alibi_slopes, check_attention_inputs, check_attn_mask, check_dropout,
-                                check_flag, check_softcap, check_varlen, check_window)
+                                check_flag, check_sinks, check_softcap, check_varlen, check_window)
 from fused_attn._function import attention_forward_op
 from fused_attn._launch import check_device
 
@@ -62,8 +62,8 @@ def _seed_for(dropout_p: float, generator: torch.Generator | None) -> torch.Tens
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, return_lse: bool = False, attn_mask: torch.Tensor | None = None,
               window: tuple[int, int] | None = None, alibi_slopes: torch.Tensor | None = None,
-              softcap: float = 0.0, dropout_p: float = 0.0, generator: torch.Generator | None = None
-              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              softcap: float = 0.0, dropout_p: float = 0.0, generator: torch.Generator | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention softmax(q k^T * scale) v, computed tile by tile without the S x S matrix.
 
     Args:
@@ -112,6 +112,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             backward, never stored. Its seed is `dropout_seed(generator)`: `dropout_mask`
             returns the same mask for inspection. lse is that of the undropped softmax.
         generator: where the dropout seed is drawn from (default: torch's default CPU generator).
+        sinks: optional (Hq,) float, one learnable attention-sink logit per query head (GPT-OSS):
+            each row's softmax gets one more entry, exp(sink), that attends to no value, so
+            o = sum_j exp(s_j) v_j / (exp(sink) + sum_j exp(s_j)). The sink is a natural-log
+            logit, used as given (not scaled, capped or masked); it is merged inside the kernels,
+            joins the lse, and gets a gradient (summed over batch and rows) when it requires
+            grad. A row with no visible key then returns zeros and lse = sink. Dropout drops keys,
+            never the sink, as GPT-OSS's eager attention does.
 
     Returns:
         o (B, Hq, Sq, Dv) in the inputs' dtype, and with return_lse also lse (B, Hq, Sq) float32.
@@ -132,9 +139,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     slopes = check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1], q.device)
     softcap = check_softcap(softcap, scale)
     dropout_p = check_dropout(dropout_p)
+    sinks = check_sinks(sinks, q.shape[1], q.device)
     check_device(q)
     o, lse = attention_forward_op(q, k, v, bias, slopes, None, None, _seed_for(dropout_p, generator), scale,
-                                  window_left, window_right, softcap, dropout_p, 0, 0)
+                                  window_left, window_right, softcap, dropout_p, 0, 0, sinks)
     return (o, lse) if return_lse else o
 
 
@@ -142,7 +150,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      scale: float | None = None, return_lse: bool = False, window: tuple[int, int] | None = None,
                      alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0, dropout_p: float = 0.0,
-                     generator: torch.Generator | None = None
+                     generator: torch.Generator | None = None, sinks: torch.Tensor | None = None
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed sequences of different lengths, with no padding anywhere.
 
@@ -153,7 +161,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             total, e.g. [0, 5, 12] for lengths 5 and 7. Sequence b's queries attend only to
             sequence b's keys.
         max_seqlen_q, max_seqlen_k: the longest lengths (they size the launch grid; checked).
-        causal, scale, window, softcap, dropout_p, generator: as in `attention`, per sequence
+        causal, scale, window, softcap, dropout_p, generator, sinks: as in `attention`, per sequence
             (causal and windows align each sequence bottom-right).
         alibi_slopes: (Hq,) or (num_seqs, Hq).
 
@@ -171,8 +179,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     slopes = check_alibi_slopes(alibi_slopes, num_seqs, q.shape[1], q.device)
     softcap = check_softcap(softcap, scale)
     dropout_p = check_dropout(dropout_p)
+    sinks = check_sinks(sinks, q.shape[1], q.device)
     check_device(q)
     o, lse = attention_forward_op(q, k, v, None, slopes, cu_seqlens_q, cu_seqlens_k,
                                   _seed_for(dropout_p, generator), scale, window_left, window_right, softcap,
-                                  dropout_p, max_seqlen_q, max_seqlen_k)
+                                  dropout_p, max_seqlen_q, max_seqlen_k, sinks)
     return (o, lse) if return_lse else o

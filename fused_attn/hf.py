@@ -6,7 +6,9 @@
 
 `register()` adds "fused_attn" to transformers' attention interface (`fused_attn_forward`) and to
 its mask interface (transformers' SDPA mask builder, which hands over no mask at all when a
-causal or full pattern needs none, else a bool mask that the kernels read tile by tile). It also
+causal or full pattern needs none, else a bool mask that the kernels read tile by tile; except
+for sequences packed by position_ids, whose O(S) sequence ids it records instead of building an
+S x S mask, see `fused_attn._hf_packing`). It also
 makes transformers refuse "fused_attn" for a model whose attention does not call the attention
 interface (Bloom, MPT, Falcon, DeBERTa-v2...): such a model would only get a mask it does not
 understand.
@@ -31,9 +33,9 @@ causal mask is aligned bottom-right, as a cache needs), and
   a caller that skips the builder gets the windowed result. With a mask the window is left to
   the mask, whose columns need not be consecutive positions (a static cache's padded slots);
 - attention sinks (`s_aux`, one logit per query head: GPT-OSS, Granite-SWA, MiMo-V2-Flash...):
-  a sink is an extra softmax column with no value, so the output is the sinkless output times
-  sigmoid(lse - sink), computed from the kernels' lse (exact, also under dropout, which eager
-  applies after dropping the sink column);
+  passed to the kernels' `sinks`, which merge the sink into each row's softmax denominator and
+  give it its gradient (also under dropout, which eager applies after dropping the sink column),
+  padded and packed alike;
 - an additive position bias (`position_bias`: T5 and its relatives), read by the kernels as a
   float mask added to the scaled scores, with its gradient;
 - top-k sparse attention (`indices`, (batch, seq_q, k) key positions: DeepSeek-V3.2, GLM-MoE-DSA),
@@ -41,7 +43,9 @@ causal mask is aligned bottom-right, as a cache needs), and
 - packed sequences (`cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`, `max_length_k`, as
   `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` gives them, the convention of
   transformers' flash-attention path): `fused_attn.attention_varlen` runs each sequence on its
-  own with the module's causal flag, the window, softcap and dropout. With a mask, the window is
+  own with the module's causal flag, the window, softcap and dropout. Sequences packed by
+  `position_ids` alone (no cu_seq_lens: DataCollatorWithFlattening's default) run the same way,
+  with no S x S mask built, for models that hand the mask to the attention function untouched. With a mask, the window is
   read from the mask (PhiMoE's lives only there), and varlen runs when the mask is exactly the
   packed pattern (the block-diagonal mask the builder derives from position_ids); any other mask
   (Doge's content-dependent float mask) is what eager applies, so the packed row runs through
@@ -76,6 +80,7 @@ from typing import Callable
 
 import torch
 
+from fused_attn._hf_packing import packed_mask, recorded_packing
 from fused_attn._launch import device_fallback_reason
 from fused_attn.api import attention, attention_varlen
 from fused_attn.weights import attention_probs
@@ -125,7 +130,7 @@ def fused_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.
     them). A call the kernels cannot serve exactly runs the model's eager attention function
     after a one-time warning, or raises NotImplementedError (see the module docstring)."""
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    call = _describe(query, key, attention_mask, causal, kwargs)
+    call = _describe(module, query, key, attention_mask, causal, kwargs)
     want_weights = _weights_requested(kwargs)
     reason = _fallback_reason(module, query, dropout, want_weights, kwargs)
     if reason is not None:
@@ -133,12 +138,17 @@ def fused_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.
     return _on_kernels(query, key, value, call, dropout, scaling, want_weights, kwargs)
 
 
-def _describe(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool,
-              kwargs: dict) -> _Call:
+def _describe(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+              causal: bool, kwargs: dict) -> _Call:
     """Reads the mask, the causal flag, the window, `indices` and packing into one `_Call`."""
     seq_q, seq_k = query.shape[2], key.shape[2]
     sliding_window = kwargs.get("sliding_window")
+    packing = recorded_packing(module, query, key, kwargs) if attention_mask is None else None
+    if packing is not None and sliding_window is None:
+        sliding_window = packing.window_for_layer()
     bounds = _packed_bounds(kwargs, query.device)
+    if bounds is None and packing is not None:
+        bounds = packing.bounds(query.device)
     if bounds is not None:
         # transformers' flash path: (W - 1, W - 1), with causal cutting the right side.
         window = None if sliding_window is None else (sliding_window - 1, 0 if causal else sliding_window - 1)
@@ -284,36 +294,31 @@ def _fallback_reason(module: torch.nn.Module, query: torch.Tensor, dropout: floa
 def _on_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: _Call, dropout: float,
                 scaling: float | None, want_weights: bool, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """attention_varlen for packed sequences that the mask (if any) does not restrict further,
-    else the padded kernels; then the sinks; the weights from the lse when requested."""
+    else the padded kernels, with the sinks; the weights from the lse when requested."""
     softcap = kwargs.get("softcap") or 0.0
     sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        sinks = sinks.reshape(-1)  # one logit per query head (checked by _fallback_reason)
     seq_k = key.shape[2]
     if call.keys_written is not None:  # an empty static cache: cut the unwritten slots, as SDPA's path does
         key, value = key[:, :, :call.keys_written], value[:, :, :call.keys_written]
-    weights, lse = None, None
+    weights = None
     position_bias = kwargs.get("position_bias")
     varlen = None
     if call.bounds is not None and position_bias is None and not want_weights:
         varlen = _as_varlen(call, query, key)
     if varlen is not None:
-        out, lse = _packed(query, key, value, varlen, scaling, softcap, dropout, need_lse=sinks is not None)
+        out = _packed(query, key, value, varlen, scaling, softcap, dropout, sinks)
     else:
         options = _score_options(call, query, key, scaling, softcap, position_bias)
-        if sinks is None and not want_weights:
-            out = attention(query, key, value, dropout_p=dropout, **options)
-        else:
+        if not want_weights:
+            out = attention(query, key, value, dropout_p=dropout, sinks=sinks, **options)
+        else:  # never with sinks (see _fallback_reason)
             out, lse = attention(query, key, value, dropout_p=dropout, return_lse=True, **options)
-            if want_weights:
-                weights = attention_probs(query, key, lse, **options).to(query.dtype)
-                if weights.shape[-1] < seq_k:  # unwritten static-cache slots get no weight, as in eager
-                    weights = torch.nn.functional.pad(weights, (0, seq_k - weights.shape[-1]))
-            lse = lse.transpose(1, 2)  # (B, Sq, Hq), as out is about to be
+            weights = attention_probs(query, key, lse, **options).to(query.dtype)
+            if weights.shape[-1] < seq_k:  # unwritten static-cache slots get no weight, as in eager
+                weights = torch.nn.functional.pad(weights, (0, seq_k - weights.shape[-1]))
         out = out.transpose(1, 2)
-    if sinks is not None:
-        # softmax over [scores, sink] = softmax(scores) * sigmoid(lse - sink), per query head;
-        # eager drops the sink column before dropout, so this holds under dropout too.
-        scale = torch.sigmoid(lse - sinks.reshape(-1).to(lse.dtype))
-        out = out * scale.unsqueeze(-1).to(out.dtype)
     return out, weights
 
 
@@ -382,20 +387,16 @@ def _as_varlen(call: _Call, query: torch.Tensor, key: torch.Tensor) -> _Call | N
 
 
 def _packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: _Call, scaling: float | None,
-            softcap: float, dropout: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            softcap: float, dropout: float, sinks: torch.Tensor | None) -> torch.Tensor:
     """Packed sequences, (B, H, total, D) with B = 1 as transformers passes them, through
-    `attention_varlen`: (B, total, Hq, Dv) out and, with need_lse, lse (B, total, Hq). Flattens B
-    like transformers' flash path does."""
+    `attention_varlen`: (B, total, Hq, Dv). Flattens B like transformers' flash path does."""
     batch = query.shape[0]
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
     cu_q, cu_k, max_q, max_k = call.bounds
     options = {"causal": call.causal, "window": call.window, "scale": scaling, "softcap": softcap,
-               "dropout_p": dropout}
-    if not need_lse:
-        out = attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options)
-        return out.view(batch, -1, *out.shape[1:]), None
-    out, lse = attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **options)
-    return out.view(batch, -1, *out.shape[1:]), lse.transpose(0, 1).reshape(batch, -1, lse.shape[0])
+               "dropout_p": dropout, "sinks": sinks}
+    out = attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    return out.view(batch, -1, *out.shape[1:])
 
 
 def _on_eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: _Call,
@@ -521,9 +522,9 @@ def register() -> str:
     transformers refuse it for models whose attention does not call the interface; returns the
     name. Safe to call more than once."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, fused_attn_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, packed_mask)
     _install_model_check()
     return NAME

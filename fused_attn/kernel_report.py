@@ -62,7 +62,7 @@ _KERNEL_FUNCTIONS = {"fwd": "_attn_fwd", "preprocess": "_attn_bwd_preprocess",
                      "probs": "_attn_probs", "row_stats": "_attn_row_stats", "col_sums": "_attn_col_sums"}
 DTYPES_BY_ELEMENT_SIZE: dict[int, tuple[str, ...]] = {2: ("fp16", "bf16"), 4: ("fp32",)}
 _ELEMENT_SIZES = {dtype: size for size, dtypes in DTYPES_BY_ELEMENT_SIZE.items() for dtype in dtypes}
-_POINTER_ARGS_FP32 = ("LSE", "DLSE", "LSE_LOG2", "DELTA", "DBIAS", "ALIBI", "P", "ENTROPY", "MAX_PROB", "RECEIVED")  # always float32, whatever q's dtype
+_POINTER_ARGS_FP32 = ("LSE", "SINKS", "DLSE", "LSE_LOG2", "DELTA", "DBIAS", "ALIBI", "P", "ENTROPY", "MAX_PROB", "RECEIVED")  # always float32, whatever q's dtype
 _POINTER_ARGS_INT32 = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "ROWS", "HEADS")
 _FLOAT_ARGS = ("qk_scale_log2", "scale", "softcap_in", "softcap_out_log2", "dropout_p")
 _INT64_ARGS = ("dropout_seed",)
@@ -361,8 +361,13 @@ VARIANT_FEATURES: dict[str, tuple[str, ...]] = {
     "dropout": ("HAS_DROPOUT",),
     "varlen": ("IS_VARLEN",),
     "float mask + grad": ("BIAS_KIND", "STORE_DBIAS"),
-    "all at once": ("LIMIT_LEFT", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "BIAS_KIND", "STORE_DBIAS"),
+    "sinks": ("HAS_SINKS",),
+    "all at once": ("LIMIT_LEFT", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "BIAS_KIND", "STORE_DBIAS",
+                    "HAS_SINKS"),
 }
+# Flags only some kernels take: STORE_DBIAS is dK/dV's, HAS_SINKS the forward's (the backward reads
+# the merged lse).
+_KERNEL_ONLY_FLAGS = {"STORE_DBIAS": "dkdv", "HAS_SINKS": "fwd"}
 
 
 def build_variant_jobs(capabilities: Sequence[int] = (80, 90), head_dims: Sequence[int] = (64, 128),
@@ -379,7 +384,9 @@ def build_variant_jobs(capabilities: Sequence[int] = (80, 90), head_dims: Sequen
                                  variant_key("BIAS_KIND" in flags, "HAS_DROPOUT" in flags))
                 for kernel, cfg in (("fwd", configs.forward), ("dkdv", configs.backward_dkdv),
                                     ("dq", configs.backward_dq)):
-                    kernel_flags = tuple(f for f in flags if kernel == "dkdv" or f != "STORE_DBIAS")
+                    kernel_flags = tuple(f for f in flags if _KERNEL_ONLY_FLAGS.get(f, kernel) == kernel)
+                    if flags and not kernel_flags:  # the kernel does not take this variant: the plain row
+                        continue
                     jobs.append(CompileJob(capability, head_dim, dtype, kernel, cfg.block_m, cfg.block_n,
                                            cfg.num_warps, cfg.num_stages, "tf32", features=kernel_flags))
     return jobs

@@ -39,11 +39,12 @@ def _diagonal_offset(seq_q: int, seq_k: int, device: torch.device | str | None) 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, return_lse: bool = False, attn_mask: torch.Tensor | None = None,
               window: tuple[int, int] | None = None, alibi_slopes: torch.Tensor | None = None,
-              softcap: float = 0.0, dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None
-              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              softcap: float = 0.0, dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Naive attention. q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> o (B, Hq, Sq, Dv),
     and lse (B, Hq, Sq) float32 (float64 for float64 inputs) when return_lse. `attn_mask`, `window`,
-    `alibi_slopes` and `softcap` as in `fused_attn.attention`. Dropout needs its mask given:
+    `alibi_slopes`, `softcap` and `sinks` as in `fused_attn.attention` (a sink is one more score
+    column holding the sink logit, softmaxed with the keys and then dropped). Dropout needs its mask given:
     `dropout_mask` bool, broadcastable to (B, Hq, Sq, Sk) (True keeps), applied with `dropout_p`'s
     1 / (1 - p) scaling (`fused_attn.dropout_mask` gives the kernels' mask). Differentiable."""
     scale = check_attention_inputs(
@@ -68,11 +69,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     elif bias is not None:
         scores = scores + bias.to(scores.dtype)
         visible = visible & (bias != float("-inf"))
+    if sinks is not None:  # the sink column: visible unless its logit is -inf, never dropped out
+        batch, heads_q = q.shape[0], q.shape[1]
+        sink_column = sinks.to(scores.dtype)[None, :, None, None].expand(batch, heads_q, seq_q, 1)
+        scores = torch.cat([scores.expand(batch, heads_q, seq_q, seq_k), sink_column], dim=-1)
+        visible = torch.cat([visible.expand(batch, heads_q, seq_q, seq_k), sink_column != float("-inf")], dim=-1)
     has_key = visible.any(dim=-1, keepdim=True)  # (Sq, 1), or (B, Hq, Sq, 1) with a mask
     # Rows with no visible key get finite scores so softmax and its gradient stay NaN-free,
     # then their probabilities are zeroed: the output is 0 and the lse is -inf.
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
+    if sinks is not None:
+        probs = probs[..., :seq_k]
     if dropout_p > 0:
         if dropout_mask is None:
             raise ValueError("dropout_p > 0 needs dropout_mask (True keeps); fused_attn.dropout_mask gives the kernels'")

@@ -88,8 +88,8 @@ def sdpa_flash_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.
     seed = None
     if dropout_p > 0:  # the forward's seed, from its rng_state; the ops take an int64 CPU scalar
         seed = philox_seed[0].cpu().to(torch.int64)
-    dq, dk, dv, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp, None, None, None, None, seed,
-                                          scale, -1, 0 if is_causal else -1, 0.0, dropout_p, 0, 0, False)
+    dq, dk, dv, _, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp, None, None, None, None,
+                                             seed, scale, -1, 0 if is_causal else -1, 0.0, dropout_p, 0, 0, False)
     return _like(query, dq), _like(key, dk), _like(value, dv)
 
 

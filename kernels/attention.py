@@ -298,7 +298,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn,
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, SINKS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -313,8 +313,11 @@ def _attn_fwd(
     EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, LIMIT_LEFT: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
     IS_VARLEN: tl.constexpr = False, SCALE_POSITIVE: tl.constexpr = True, USE_TMA: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
 ):
-    """One program computes one BLOCK_M tile of queries of one (batch, query head)."""
+    """One program computes one BLOCK_M tile of queries of one (batch, query head). With HAS_SINKS,
+    SINKS holds one float32 logit per query head that joins every row's softmax denominator and
+    attends to nothing (a learnable attention sink)."""
     pid = tl.program_id(0)
     num_m_tiles = tl.cdiv(seq_q, BLOCK_M)
     # Later query tiles do the most causal work: launch them first.
@@ -377,6 +380,14 @@ def _attn_fwd(
         dropout_p, dropout_seed, batch, head, BLOCK_N, True, False, LIMIT_RIGHT, EVEN_D, EVEN_DV,
         BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE, USE_TMA)
 
+    if HAS_SINKS:  # the sink as one more key with score `sink` and a zero value, merged last
+        sink_log2 = tl.load(SINKS + head) * LOG2E
+        m_sink = tl.maximum(m_i, sink_log2)
+        # -inf == -inf (no key and a -inf sink) and +inf == +inf keep alpha finite; NaN != NaN propagates.
+        alpha = tl.where(m_i == m_sink, 1.0, tl.math.exp2(m_i - m_sink))
+        l_i = l_i * alpha + tl.where(sink_log2 == float("-inf"), 0.0, tl.math.exp2(sink_log2 - m_sink))
+        acc = acc * alpha[:, None]
+        m_i = m_sink
     # A row with no visible key returns 0 and an lse of -inf. The band and the mask leave it
     # l = 0 exactly (p = 0 everywhere), while a visible key gives l >= 1 and a NaN score makes l
     # NaN, never 0: a NaN is not mistaken for "no key" and propagates (o and lse NaN); a +inf

@@ -36,7 +36,7 @@ def kernel_calls(monkeypatch) -> list[dict]:
             calls.append({"varlen": name == "attention_varlen", "seq_k": k.shape[-2],
                           "mask": kwargs.get("attn_mask") is not None, "causal": kwargs.get("causal", False),
                           "window": kwargs.get("window"), "softcap": kwargs.get("softcap", 0.0),
-                          "dropout_p": kwargs.get("dropout_p", 0.0)})
+                          "dropout_p": kwargs.get("dropout_p", 0.0), "sinks": kwargs.get("sinks") is not None})
             return original(q, k, v, *args, **kwargs)
 
         monkeypatch.setattr(fused_attn.hf, name, record)
@@ -365,6 +365,86 @@ def test_packed_sequences_run_as_varlen(family: str, device: str, kernel_calls: 
         torch.testing.assert_close(results["fused"][0][:, start:end], alone, rtol=1e-4, atol=1e-4)
 
 
+def _packing_model(family: str):
+    if family == "llama":
+        return transformers.LlamaForCausalLM, _llama_config()
+    if family == "phimoe-window-in-mask":
+        return transformers.PhimoeForCausalLM, transformers.PhimoeConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+            sliding_window=4)
+    if family == "gemma2-hybrid":
+        return transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=4)
+    return transformers.DogeForCausalLM, transformers.DogeConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, keep_window_size=4)
+
+
+@pytest.mark.parametrize("family", ["llama", "phimoe-window-in-mask", "gemma2-hybrid", "doge-content-mask"])
+def test_packing_by_position_ids_builds_no_square_mask(family: str, device: str, kernel_calls: list[dict],
+                                                       monkeypatch) -> None:
+    """DataCollatorWithFlattening's default output (one row, position_ids restarting per sequence,
+    no cu_seq_lens): transformers' builder detects the packing; fused_attn records the O(S)
+    sequence ids instead of building the (1, 1, S, S) mask, and every layer runs attention_varlen
+    with its window (Gemma 2's sliding layers name theirs, PhiMoE's lives only in its mask).
+    Doge builds its dynamic mask on top of the builder's, so it still gets the dense mask. Logits
+    and gradients equal eager's."""
+    from tests.test_hf_models import reinitialise
+    from transformers import masking_utils
+
+    built = []
+    original = masking_utils.sdpa_mask
+
+    def counting(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        built.append(None if mask is None else tuple(mask.shape))
+        return mask
+
+    monkeypatch.setattr(masking_utils, "sdpa_mask", counting)
+    model_class, config = _packing_model(family)
+    fused, eager, _ = _twins(model_class, config, device)
+    reinitialise(eager)
+    fused.load_state_dict(eager.state_dict())
+    fused.eval(), eager.eval()
+    collator = transformers.DataCollatorWithFlattening()
+    batch = collator([{"input_ids": torch.randint(0, 97, (n,)).tolist()} for n in (5, 9, 3)])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    batch = {name: value.to(device) for name, value in batch.items()}
+    results = {}
+    for name, model in (("fused", fused), ("eager", eager)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if name == "fused" else "default")
+            out = model(**batch, use_cache=False)
+        out.loss.backward()
+        results[name] = [out.logits.detach()] + [p.grad for p in model.parameters()]
+        if name == "fused":
+            built_by_fused, built[:] = list(built), []
+    built = built_by_fused  # eager's own builder calls sdpa_mask too
+    if family == "doge-content-mask":
+        assert (1, 1, 17, 17) in built and all(not call["varlen"] for call in kernel_calls)
+    else:
+        assert built == [] and len(kernel_calls) == 2
+        windows = {"llama": [None, None], "phimoe-window-in-mask": [(3, 0)] * 2, "gemma2-hybrid": [(3, 0), None]}
+        assert [c["window"] for c in kernel_calls] == windows[family]
+        assert all(c["varlen"] and c["causal"] and not c["mask"] for c in kernel_calls)
+    for i, (mine, theirs) in enumerate(zip(results["fused"], results["eager"])):
+        assert (mine - theirs).abs().max() <= (1e-4 if i == 0 else 1e-3) * theirs.abs().max(), i
+
+
+def test_recorded_packing_is_forgotten_by_the_next_forward(device: str, kernel_calls: list[dict]) -> None:
+    """After a packed forward, an unpacked one of the same shape (one sequence) runs plain causal."""
+    fused, eager, _ = _twins(transformers.LlamaForCausalLM, _llama_config(), device)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
+    ids = torch.randint(0, 97, (1, 7), device=device)
+    fused(ids, position_ids=packed, use_cache=False)
+    mine = fused(ids, use_cache=False).logits
+    theirs = eager(ids, use_cache=False).logits
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    assert [c["varlen"] for c in kernel_calls] == [True, True, False, False]
+
+
 def test_bart_encoder_decoder_with_cross_attention(device: str, kernel_calls: list[dict]) -> None:
     config = transformers.BartConfig(vocab_size=97, d_model=64, encoder_layers=1, decoder_layers=1,
                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
@@ -459,7 +539,7 @@ def _block_causal(lengths: list[int], device: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", ["causal", "padding", "decode", "packed"])
 def test_attention_sinks_equal_gpt_oss_eager(case: str, device: str, kernel_calls: list[dict]) -> None:
-    """s_aux (one logit per query head) runs on the kernels as o * sigmoid(lse - sink): output and
+    """s_aux (one logit per query head) runs on the kernels' sinks: output and
     the gradients of q, k, v and the sinks equal GPT-OSS's eager attention (which concatenates the
     sink column to the scores), with no mask, a padding mask, one query decoding, and packed
     sequences. Before, the call went to transformers' SDPA path, which drops s_aux."""
@@ -486,6 +566,7 @@ def test_attention_sinks_equal_gpt_oss_eager(case: str, device: str, kernel_call
                                                          **extra)
     theirs, _ = eager_attention_forward(module, q, k, v, _additive(visible), scaling=0.25)
     assert weights is None and len(kernel_calls) == 1 and kernel_calls[0]["varlen"] == (case == "packed")
+    assert kernel_calls[0]["sinks"]
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     probe = torch.randn(mine.shape, generator=gen).to(device)
     inputs = (q, k, v, module.sinks)
@@ -495,9 +576,9 @@ def test_attention_sinks_equal_gpt_oss_eager(case: str, device: str, kernel_call
 
 
 def test_attention_sinks_with_dropout_are_exact(device: str) -> None:
-    """Eager drops the sink column before dropout, so the sink scale commutes with it: the output
-    is the kernels' dropped output times sigmoid(lse - sink), here against the reference given the
-    kernels' dropout mask."""
+    """Eager drops the sink column before dropout, as the kernels do: the output is the sinkless
+    dropped output times sigmoid(lse - sink), here from the reference given the kernels' dropout
+    mask."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 11, 16, generator=gen).to(device) for _ in range(3))
     sinks = (2.0 + torch.randn(2, generator=gen)).to(device)
