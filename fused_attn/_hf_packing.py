@@ -109,6 +109,19 @@ def packed_pattern(mask_function: Callable) -> tuple[torch.Tensor, int | None] |
     return segments, window
 
 
+def _mentions_packing(mask_function: Callable, depth: int = 0) -> bool:
+    """Whether transformers' same-sequence mask function appears anywhere in `mask_function`."""
+    if _qualname(mask_function) == "packed_sequence_mask_function.<locals>.inner_mask":
+        return True
+    if depth > 8 or not callable(mask_function) or not hasattr(mask_function, "__code__"):
+        return False
+    for value in _closure(mask_function).values():
+        for item in (value if isinstance(value, (tuple, list)) else (value,)):
+            if callable(item) and _mentions_packing(item, depth + 1):
+                return True
+    return False
+
+
 @functools.lru_cache(maxsize=None)
 def mask_handling(config_class: type) -> tuple[bool, bool]:
     """(passes the mask through, names the window) for the attention layers of the config's
@@ -155,7 +168,11 @@ def packed_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
         packed = packed_pattern(mask_function)
     passes, names_window = mask_handling(type(config)) if packed is not None else (False, False)
     if not passes:
-        _PACKING.set(None)  # a forward without (servable) packing: nothing recorded may outlive it
+        record = _PACKING.get()
+        if not _mentions_packing(mask_function) or (record is not None and record.config() is not config):
+            _PACKING.set(None)  # a forward without packing, or another model's: nothing recorded may outlive it
+        # else: a packed mask of another kind in the same forward (built densely below); the layers
+        # whose masks were recorded still get none and read the record.
     else:
         segments, window = packed
         record = _PACKING.get()

@@ -356,3 +356,97 @@ def test_attention_weights_equal_eagers(arch: Arch, monkeypatch) -> None:
         for layer, (m, t) in enumerate(zip(getattr(mine, name), getattr(theirs, name))):
             assert m.shape == t.shape and m.dtype == t.dtype, (name, layer)
             _assert_close(f"{name} {layer}", m, t, 1e-4)
+
+
+PACKED_ARCHS = [arch for arch in ARCHS if arch.inputs == "text" and arch.generate]
+_PACKED_IDS = torch.randint(3, VOCAB, (1, 13), generator=torch.Generator().manual_seed(3))
+_PACKED_POSITIONS = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4]])  # three sequences in one row
+
+
+def run_packed(model: torch.nn.Module) -> tuple[torch.Tensor, str]:
+    """The model's logits on one row packed by position_ids alone (DataCollatorWithFlattening's
+    default), and how fused_attn served it, as the table in docs/hf-architectures.md says it."""
+    from unittest import mock
+
+    from transformers import masking_utils
+
+    found, varlen, dense = [], [], []
+    find, sdpa, run_varlen = (masking_utils.find_packed_sequence_indices, masking_utils.sdpa_mask,
+                              fused_attn.hf.attention_varlen)
+    with mock.patch.object(masking_utils, "find_packed_sequence_indices",
+                           lambda p: found.append(find(p) is not None) or find(p)), \
+         mock.patch.object(masking_utils, "sdpa_mask", lambda *a, **k: dense.append(1) or sdpa(*a, **k)), \
+         mock.patch.object(fused_attn.hf, "attention_varlen", lambda *a, **k: varlen.append(1) or run_varlen(*a, **k)):
+        logits = model(input_ids=_PACKED_IDS, position_ids=_PACKED_POSITIONS, use_cache=False).logits
+    if not any(found):
+        outcome = "not packed by the model (eager neither)"
+    elif varlen and not dense:
+        outcome = "attention_varlen, no S x S mask"
+    elif varlen:
+        outcome = "attention_varlen; dense mask for some layers"
+    else:
+        outcome = "dense mask, exact"
+    return logits, outcome
+
+
+@pytest.mark.parametrize("arch", PACKED_ARCHS, ids=lambda arch: arch.name)
+def test_packing_by_position_ids_equals_eagers(arch: Arch, monkeypatch) -> None:
+    """Three sequences packed into one row by position_ids alone: logits equal eager's (which
+    builds the packed mask) and the calls ran on the kernels; models that hand the mask to the
+    attention function untouched run attention_varlen."""
+    from fused_attn._hf_packing import mask_handling
+
+    fused, eager = _twins(arch)
+    theirs = eager(input_ids=_PACKED_IDS, position_ids=_PACKED_POSITIONS, use_cache=False).logits
+    mine, outcome = _run_checked(arch, KernelCalls(monkeypatch), lambda: run_packed(fused))
+    _assert_close("logits", mine, theirs, 1e-4)
+    if mask_handling(type(fused.config))[0] and "not packed" not in outcome and "chunked" not in arch.name:
+        assert outcome.startswith("attention_varlen"), outcome
+
+
+# What each architecture's name says it exercises, for the table in docs/hf-architectures.md.
+_EXERCISES = {
+    "window": "sliding window", "softcap": "logit softcap", "qknorm": "q/k norm", "mqa": "MQA",
+    "chunked": "chunked attention", "dynamic": "content-dependent float mask", "moe": "MoE",
+    "hybrid": "Mamba hybrid", "mla": "MLA (v head dim 8, qk 16)", "topk": "top-k `indices`",
+    "sinks": "attention sinks (`s_aux`)", "local": "local window", "causal": "causal encoder",
+    "bias": "relative position bias", "audio": "audio", "swa": "sliding window",
+}
+_KINDS = {"text": "decoder", "seq2seq": "encoder-decoder", "image": "vision encoder", "audio": "audio encoder",
+          "features": "encoder-decoder (audio)"}
+
+
+def architecture_table() -> str:
+    """The markdown table of ARCHS: where forward and backward run, whether generation is
+    checked, and how sequences packed by position_ids run (fused_attn._hf_packing)."""
+    rows = ["| architecture | class | kind | exercises | forward + backward | generation (dynamic, static cache) "
+            "| packed by position_ids |", "|---|---|---|---|---|---|---|"]
+    for arch in ARCHS:
+        features = [_EXERCISES[word] for word in arch.name.split("-")[1:] if word in _EXERCISES]
+        heads, heads_kv = arch.settings.get("num_attention_heads"), arch.settings.get("num_key_value_heads")
+        if heads and heads_kv and heads_kv < heads and "MQA" not in features:
+            features.insert(0, "GQA")
+        exercises = ", ".join(dict.fromkeys(features)) or "-"
+        kind = _KINDS[arch.inputs] if arch.inputs != "text" or arch.generate else "encoder"
+        where = "kernels" if arch.runs_on == "kernels" else f"eager fallback ({arch.runs_on})"
+        generation = "kernels, equal tokens" if arch.generate else "-"
+        packed = "-"
+        if arch in PACKED_ARCHS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                packed = run_packed(_twins(arch)[0])[1]
+        rows.append(f"| {arch.name} | {arch.model} | {kind} | {exercises} | {where} | {generation} | {packed} |")
+    return "\n".join(rows)
+
+
+def test_the_architecture_table_in_the_docs_is_current() -> None:
+    """docs/hf-architectures.md shows this file's ARCHS (regenerate: python -m tests.test_hf_models)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "hf-architectures.md").read_text()
+    assert architecture_table() in text, "stale: run python -m tests.test_hf_models > table and paste it"
+    assert len(ARCHS) >= 40
+
+
+if __name__ == "__main__":
+    print(architecture_table())
