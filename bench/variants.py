@@ -1,5 +1,5 @@
-"""Variant benchmark: sliding window, ALiBi, softcap, dropout and packed sequences, each against
-the libraries that offer it, in one run.
+"""Variant benchmark: sliding window, ALiBi, softcap, dropout, packed sequences and attention
+sinks, each against the libraries that offer it, in one run.
 
     python -m bench.variants                 # whatever this machine has
     python -m bench.variants --quick         # one length per variant
@@ -9,7 +9,9 @@ With a CUDA GPU: bf16, D=128, H=16, forward and forward+backward, causal, at B*S
 Providers, where they have the feature: fused_attn; the flash-attn package (window_size,
 alibi_slopes, softcap, dropout_p, flash_attn_varlen_func); compiled FlexAttention (block masks
 and score_mods; no dropout); torch SDPA with its default backend choice (a dense mask for the
-window, an additive bias for ALiBi, dropout_p; no softcap, no packed input). TFLOP/s count only
+window, an additive bias for ALiBi, dropout_p; no softcap, no packed input). Attention sinks
+(one logit per head): FlexAttention and SDPA get one extra key whose score is the sink and whose
+value is zero (a score_mod, or a dense float mask); flash-attn 2 has none. TFLOP/s count only
 the (query, key) pairs the variant attends, so a window's cost is counted as S x W, not S^2.
 
 Without a GPU: each variant runs once through the Triton interpreter at a small size against the
@@ -40,7 +42,7 @@ from bench.providers import AttentionFn, Case, Provider, Unsupported, _compiled 
 from bench.runner import Row, run_cases  # noqa: E402
 from fused_attn import reference  # noqa: E402
 
-VARIANTS = ("window", "alibi", "softcap", "dropout", "varlen")
+VARIANTS = ("window", "alibi", "softcap", "dropout", "varlen", "sinks")
 WINDOW = 1024       # keys left of the diagonal: Mistral's 4096 scaled to these lengths
 SOFTCAP = 50.0      # Gemma 2
 DROPOUT_P = 0.1
@@ -101,6 +103,18 @@ def _slopes(heads: int, device: torch.device) -> torch.Tensor:
     return 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device, dtype=torch.float32) / heads)
 
 
+def _sinks(heads: int, device: torch.device) -> torch.Tensor:
+    """One sink logit per head, spread around typical row lse values."""
+    return torch.linspace(-1.0, 3.0, heads, device=device)
+
+
+def _with_sink_key(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v with one zero key appended: its score is set to the sink by the caller's mask or
+    score_mod, and its zero value makes it attend to nothing."""
+    zeros = k.new_zeros(*k.shape[:2], 1, k.shape[3]), v.new_zeros(*v.shape[:2], 1, v.shape[3])
+    return torch.cat([k, zeros[0]], dim=2), torch.cat([v, zeros[1]], dim=2)
+
+
 def _cu_seqlens(case: VariantCase, device: torch.device) -> tuple[torch.Tensor, int]:
     bounds = [0]
     for n in case.lengths:
@@ -115,7 +129,8 @@ def _fused(case: VariantCase) -> Callable[[Case, torch.device], AttentionFn]:
             return lambda q, k, v: fused_attn.attention_varlen(q[0], k[0], v[0], cu, cu, longest, longest,
                                                                causal=True)[None]
         options = {"window": {"window": (case.window, 0)}, "alibi": {"alibi_slopes": _slopes(case.heads, device)},
-                   "softcap": {"softcap": SOFTCAP}, "dropout": {"dropout_p": DROPOUT_P}}[case.variant]
+                   "softcap": {"softcap": SOFTCAP}, "dropout": {"dropout_p": DROPOUT_P},
+                   "sinks": {"sinks": _sinks(case.heads, device)}}[case.variant]
         return lambda q, k, v: fused_attn.attention(q, k, v, causal=True, **options)
     return build
 
@@ -128,6 +143,8 @@ def _flash_attn_package(case: VariantCase) -> Callable[[Case, torch.device], Att
             raise Unsupported(f"the flash-attn package is not importable ({error})") from None
         if device.type != "cuda":
             raise Unsupported("the flash-attn package runs on CUDA only")
+        if case.variant == "sinks":
+            raise Unsupported("flash_attn_func has no attention sinks")
         if case.variant == "varlen":
             cu, longest = _cu_seqlens(case, device)
             return lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, longest, longest,
@@ -146,7 +163,19 @@ def _flex(case: VariantCase) -> Callable[[Case, torch.device], AttentionFn]:
             raise Unsupported("FlexAttention has no dropout")
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        slopes = _slopes(case.heads, device)
+        slopes, sinks = _slopes(case.heads, device), _sinks(case.heads, device)
+        if case.variant == "sinks":  # the appended key (index seq) is visible to every query, scored `sink`
+            seq = base.seq
+
+            def sink_mask(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) | (kv_idx == seq)
+
+            def sink_score(score, b, h, q_idx, kv_idx):
+                return torch.where(kv_idx == seq, sinks[h].to(score.dtype), score)
+
+            block_mask = _compiled(create_block_mask)(sink_mask, None, None, seq, seq + 1, device=device)
+            flex = _compiled(flex_attention)
+            return lambda q, k, v: flex(q, *_with_sink_key(k, v), score_mod=sink_score, block_mask=block_mask)
         if case.variant == "varlen":
             document = torch.repeat_interleave(torch.arange(len(case.lengths), device=device),
                                                torch.tensor(case.lengths, device=device))
@@ -179,6 +208,11 @@ def _sdpa(case: VariantCase) -> Callable[[Case, torch.device], AttentionFn]:
         if case.variant == "dropout":
             return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=DROPOUT_P)
         visible = reference.window_mask(base.seq, base.seq, (case.window if case.variant == "window" else -1, 0), device)
+        if case.variant == "sinks":  # a dense float mask: causal, plus the appended zero key scored `sink`
+            causal = torch.zeros(base.seq, base.seq, device=device).masked_fill(~visible, float("-inf"))
+            sink_column = _sinks(case.heads, device)[:, None, None].expand(case.heads, base.seq, 1)
+            bias = torch.cat([causal.expand(case.heads, -1, -1), sink_column], dim=-1).to(case.dtype)
+            return lambda q, k, v: F.scaled_dot_product_attention(q, *_with_sink_key(k, v), attn_mask=bias)
         if case.variant == "window":  # what Hugging Face hands SDPA for a sliding-window layer
             return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         distance = (torch.arange(base.seq, device=device)[:, None] - torch.arange(base.seq, device=device)).abs()
@@ -262,6 +296,8 @@ def check_on_cpu() -> str:
             kernel_options["alibi_slopes"] = reference_options["alibi_slopes"] = _slopes(heads, q.device)
         elif variant == "softcap":
             kernel_options["softcap"] = reference_options["softcap"] = 2.0
+        elif variant == "sinks":
+            kernel_options["sinks"] = reference_options["sinks"] = _sinks(heads, q.device)
         elif variant == "dropout":
             # The seed the kernels will draw from this generator, and the mask it gives; then re-seed.
             generator = torch.Generator().manual_seed(1)

@@ -31,10 +31,11 @@ def test_packed_lengths_fill_the_tokens_and_pairs_count_each_sequence() -> None:
     assert case.batch == 1 and case.base().seq == 2000
 
 
-@pytest.mark.parametrize("variant", ["window", "alibi", "dropout", "softcap"])
+@pytest.mark.parametrize("variant", ["window", "alibi", "dropout", "softcap", "sinks"])
 def test_sdpa_configuration_computes_what_fused_attn_computes(variant: str, device: str) -> None:
     """The competitor must be asked for the same function: SDPA's dense window mask and ALiBi
-    bias against fused_attn's variants on the same inputs; SDPA refuses softcap by name."""
+    bias, and the sink as an extra zero key scored by the mask, against fused_attn's variants on the
+    same inputs; SDPA refuses softcap by name."""
     case = VariantCase(variant, "fwd", 40, dtype=torch.float32, heads=2, head_dim=16, tokens=80, window=9)
     base = case.base()
     q, k, v = (torch.randn(base.batch, base.heads, base.seq, base.head_dim, device=device) for _ in range(3))
