@@ -10,7 +10,7 @@ import math
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512  # q/k and v head dims; the config table has a bucket for each power of two up to it
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 # A window side this large cannot exclude a key (no sequence is that long); larger ones are

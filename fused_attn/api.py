@@ -123,7 +123,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Returns:
         o (B, Hq, Sq, Dv) in the inputs' dtype, and with return_lse also lse (B, Hq, Sq) float32.
 
-    D and Dv may be any size from 1 to 256. Inputs may have any strides as long as the last one
+    D and Dv may be any size from 1 to 512. Inputs may have any strides as long as the last one
     is 1, so a (B, S, H, D) tensor passed as ``x.transpose(1, 2)`` runs without a copy; a head
     dim or stride that is not a multiple of 16 elements is first copied into a zero-padded buffer
     (exact) so the kernels can use vector loads.

@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fused_attn.kernels.configs import (ACCEPTED_FAILURES, UNVETTED_ROWS, CAPABILITIES, KERNELS as TABLE_KERNELS,
-                                        TARGETS, TMA_KERNELS, TMA_MIN_HEAD_DIM, VARIANTS as TABLE_VARIANTS,
+from fused_attn.kernels.configs import (ACCEPTED_FAILURES, UNVETTED_ROWS, CAPABILITIES, HEAD_DIM_BUCKETS,
+                                        KERNELS as TABLE_KERNELS, TARGETS, TMA_KERNELS, TMA_MIN_HEAD_DIM, VARIANTS as TABLE_VARIANTS,
                                         AttentionConfigs, KernelConfig, all_candidates, all_configs,
                                         has_variant_rows, lookup, preprocess_block_m, uses_tma, variant_key)
 
@@ -883,7 +883,20 @@ def _candidate_kind(capability: int, element_size: int) -> str:
     return "mma" if TARGETS[capability].tensor_cores and element_size == 2 else "fma"
 
 
-def _candidates_for(kernel: str, capability: int, element_size: int) -> tuple[KernelConfig, ...]:
+# Head dim 512: a 64-row tile's Q (or K and V) and float32 accumulators spill whatever the warp
+# count (probed on sm_90: 700+ LDL/STL in the forward's hot loop at 64x32), so only small tiles
+# are compiled for that bucket.
+CANDIDATE_TILES_512: dict[str, tuple[KernelConfig, ...]] = {
+    "fwd": _tiles("32x32w4s1", "32x16w4s1", "16x32w4s1", "16x16w4s1"),
+    "dkdv": _tiles("32x32w4s1", "16x32w4s1", "32x16w4s1", "16x16w4s1"),
+    "dq": _tiles("32x32w4s1", "16x32w4s1", "32x16w4s1", "16x16w4s1"),
+}
+
+
+def _candidates_for(kernel: str, capability: int, element_size: int, head_dim: int = 128
+                    ) -> tuple[KernelConfig, ...]:
+    if head_dim >= 512:
+        return CANDIDATE_TILES_512[kernel]
     tiles = CANDIDATE_TILES[(kernel, _candidate_kind(capability, element_size))]
     if not TARGETS[capability].tensor_cores:
         # FMA dots hold whole operand tiles in registers and Turing has 64 KB of shared memory:
@@ -947,7 +960,7 @@ def _pick_worker(args: tuple[Any, ...]) -> PickResult:
     return pick_slot(*args)
 
 
-def pick_table(capabilities: Sequence[int] = CAPABILITIES, head_dims: Sequence[int] = (16, 32, 64, 128, 256),
+def pick_table(capabilities: Sequence[int] = CAPABILITIES, head_dims: Sequence[int] = HEAD_DIM_BUCKETS,
                element_sizes: Sequence[int] = (2, 4), variants: Sequence[str] = TABLE_VARIANTS, *,
                workers: int = 2, kernel_module: str = DEFAULT_KERNEL_MODULE, row_cache: str | None = None,
                log: Any = None, keep_plain: int = 3) -> dict[tuple[int, int, int, str], dict[str, PickResult]]:
@@ -971,7 +984,7 @@ def pick_table(capabilities: Sequence[int] = CAPABILITIES, head_dims: Sequence[i
                                 continue
                             key = (capability, head_dim, size, table_variant)
                             for kernel in ("dkdv", "dq", "fwd"):
-                                candidates = _candidates_for(kernel, capability, size)
+                                candidates = _candidates_for(kernel, capability, size, head_dim)
                                 # Plain rows keep alternatives for the tuner and the out-of-resources
                                 # retry; variant rows keep their first passing tile.
                                 # The plain 16-bit rows keep three tiles (the tuner's candidates and the
@@ -1127,7 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.pick:
             results = pick_table(capabilities=args.capabilities or CAPABILITIES, workers=args.workers,
-                                 head_dims=args.head_dims or (16, 32, 64, 128, 256),
+                                 head_dims=args.head_dims or HEAD_DIM_BUCKETS,
                                  element_sizes=args.element_sizes or (2, 4),
                                  variants=args.table_variants or TABLE_VARIANTS,
                                  kernel_module=args.kernel_module, row_cache=args.row_cache, log=sys.stdout)

@@ -6,6 +6,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from fused_attn._checks import MAX_HEAD_DIM
 from fused_attn._launch import device_fallback_reason, interpreting
 from fused_attn.api import attention
 
@@ -36,7 +37,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     The fused path needs ``need_weights=False`` (torch's default, True, asks for the L x S
     weights, which the kernels never form), no ``add_bias_kv`` or ``add_zero_attn``, and tensors
     the kernels run on (CUDA, or CPU under TRITON_INTERPRET=1; float16/bfloat16/float32; head dim
-    <= 256). Any other call runs torch's implementation with the same arguments, after a one-time
+    <= 512). Any other call runs torch's implementation with the same arguments, after a one-time
     warning that names the reason. A query that the masks leave without any key gets zeros, as
     in torch 2.13 (older torch releases gave NaN).
     """
@@ -111,8 +112,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return "add_bias_kv and add_zero_attn are not supported"
         if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"dtype {query.dtype} is not supported by the kernels"
-        if self.head_dim > 256:
-            return f"head dim {self.head_dim} is over 256"
+        if self.head_dim > MAX_HEAD_DIM:
+            return f"head dim {self.head_dim} is over {MAX_HEAD_DIM}"
         if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
             return f"{query.device.type} tensors need CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
         return device_fallback_reason(query)

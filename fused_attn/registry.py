@@ -12,7 +12,7 @@ and bottom-right alignment agree), and dropout. The dropout seed is drawn with
 `fused_attn.dropout_seed()` from torch's default CPU generator (so `torch.manual_seed` makes a call
 repeatable) and travels to the backward in element 0 of the op's `rng_state` output, which torch's
 autograd hands back as `philox_seed`; the backward regenerates the mask from it. A call outside
-that (return_debug_mask, causal with Sq != Sk, another dtype, a head dim over 256) raises a
+that (return_debug_mask, causal with Sq != Sk, another dtype, a head dim over 512) raises a
 RuntimeError that names the reason rather than computing something else; without `activate()`
 nothing changes.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_attn._checks import check_attention_inputs, check_dropout
+from fused_attn._checks import MAX_HEAD_DIM, check_attention_inputs, check_dropout
 from fused_attn._launch import device_fallback_reason
 from fused_attn._function import attention_backward_op, forward
 from fused_attn.api import dropout_seed
@@ -37,8 +37,8 @@ def _unsupported(query: torch.Tensor, key: torch.Tensor, is_causal: bool, return
         return "is_causal with Sq != Sk (SDPA aligns top-left, fused_attn bottom-right)"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {query.dtype}"
-    if query.shape[-1] > 256:
-        return f"head dim {query.shape[-1]} > 256"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
     return device_fallback_reason(query)
 
 

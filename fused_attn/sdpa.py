@@ -12,7 +12,7 @@ the shape the kernels see, leading dimensions flattened into the batch ((N, ...,
 
 A row that the mask leaves without any key returns zeros, as torch 2.13's math backend does (older
 torch releases returned NaN there); NaN and infinite scores propagate as in torch. Calls the kernels
-cannot take (fewer than 3 dimensions, another dtype or device, a head dim of q, k or v over 256,
+cannot take (fewer than 3 dimensions, another dtype or device, a head dim of q, k or v over 512,
 dropout_p = 1) run torch's function after a one-time warning.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from fused_attn._checks import MAX_HEAD_DIM
 from fused_attn._launch import device_fallback_reason, interpreting
 from fused_attn.api import attention
 
@@ -35,8 +36,8 @@ def _fallback_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return f"{query.dim()}-D inputs"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {query.dtype}"
-    if max(query.shape[-1], key.shape[-1], value.shape[-1]) > 256:
-        return "a head dim over 256"
+    if max(query.shape[-1], key.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        return f"a head dim over {MAX_HEAD_DIM}"
     if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
         return f"{query.device.type} tensors (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
     return device_fallback_reason(query)

@@ -84,7 +84,7 @@ def uses_tma(row: int, kernel: str, head_dim: int, element_size: int, variant: s
     variant key (see TMA_KERNELS)."""
     return (element_size == 2 and variant == "plain" and head_dim_bucket(head_dim) >= TMA_MIN_HEAD_DIM
             and kernel in TMA_KERNELS.get(row, frozenset()))
-HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
+HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256, 512)
 ELEMENT_SIZES = (2, 4)
 KERNELS = ("forward", "backward_dkdv", "backward_dq")
 VARIANTS = ("plain", "mask", "dropout", "all")
@@ -92,13 +92,14 @@ VARIANTS = ("plain", "mask", "dropout", "all")
 gradient) and with dropout (Philox per element); window, ALiBi, softcap and packed input use the
 plain tiles (`kernel_report --variants` records what they compile to). Only the fp16/bf16 rows of
 targets with tensor cores and head dims of 64 and more have variant rows: fp32 and Turing are
-correctness paths, and head dims of 16 and 32 leave registers to spare; their variant calls run
-the plain row's tiles (a launch that runs out of resources retries smaller tiles)."""
+correctness paths, head dims of 16 and 32 leave registers to spare, and head dim 512 runs the
+smallest tiles already; their variant calls run the plain row's tiles (a launch that runs out of
+resources retries smaller tiles)."""
 
 
 def has_variant_rows(capability: int, head_dim: int, element_size: int) -> bool:
     """Whether the table keys this row's tiles by variant too (else every variant uses "plain")."""
-    return element_size == 2 and TARGETS[capability].tensor_cores and head_dim_bucket(head_dim) >= 64
+    return element_size == 2 and TARGETS[capability].tensor_cores and 64 <= head_dim_bucket(head_dim) <= 256
 
 
 def variant_key(has_mask: bool, has_dropout: bool) -> str:

@@ -13,7 +13,8 @@ from fused_attn import AttentionConfigs, KernelConfig
 from tests.helpers import Case, check_against_reference, make_inputs
 
 # (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, head_dim_v): odd lengths, Sq != Sk both ways,
-# GQA and MQA, head dims that are not powers of two, D != Dv, the 256 maximum and a single key.
+# GQA and MQA, head dims that are not powers of two, D != Dv, the 512 maximum (Gemma 4's global
+# layers; MLA-like 192 / 512 and 320 / 40 splits) and a single key.
 SHAPES = [
     (1, 1, 1, 1, 1, 16, 16),
     (2, 3, 3, 17, 17, 40, 40),
@@ -24,6 +25,9 @@ SHAPES = [
     (2, 2, 2, 64, 128, 128, 128),
     (1, 2, 2, 33, 65, 200, 200),
     (1, 2, 1, 40, 40, 256, 256),
+    (1, 2, 1, 37, 53, 512, 512),
+    (1, 2, 2, 17, 29, 192, 512),
+    (1, 2, 1, 29, 17, 320, 40),
     (1, 3, 1, 50, 70, 40, 24),
     (1, 1, 1, 5, 9, 1, 3),
 ]

@@ -85,6 +85,9 @@ ARCHS = [
          {**DECODER, **SLIDING, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,
           "query_pre_attn_scalar": 16}),
     Arch("gemma3-window", "Gemma3ForCausalLM", "Gemma3TextConfig", {**DECODER, **SLIDING, "query_pre_attn_scalar": 16}),
+    Arch("gemma4-window-d512", "Gemma4ForCausalLM", "Gemma4TextConfig",
+         {**DECODER, **SLIDING, "global_head_dim": 512, "hidden_size_per_layer_input": 0,
+          "vocab_size_per_layer_input": VOCAB}),  # its global layer has head dim 512
     Arch("gpt2", "GPT2LMHeadModel", "GPT2Config", GPT2_STYLE),
     Arch("gpt-bigcode-mqa", "GPTBigCodeForCausalLM", "GPTBigCodeConfig", {**GPT2_STYLE, "multi_query": True}),
     Arch("gptj", "GPTJForCausalLM", "GPTJConfig", {**GPT2_STYLE, "rotary_dim": 8}),
@@ -410,7 +413,7 @@ _EXERCISES = {
     "chunked": "chunked attention", "dynamic": "content-dependent float mask", "moe": "MoE",
     "hybrid": "Mamba hybrid", "mla": "MLA (v head dim 8, qk 16)", "topk": "top-k `indices`",
     "sinks": "attention sinks (`s_aux`)", "local": "local window", "causal": "causal encoder",
-    "bias": "relative position bias", "audio": "audio", "swa": "sliding window",
+    "bias": "relative position bias", "audio": "audio", "swa": "sliding window", "d512": "head dim 512",
 }
 _KINDS = {"text": "decoder", "seq2seq": "encoder-decoder", "image": "vision encoder", "audio": "audio encoder",
           "features": "encoder-decoder (audio)"}

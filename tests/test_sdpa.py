@@ -223,13 +223,13 @@ def test_gqa_needs_enable_gqa_as_in_torch() -> None:
         fused_attn.scaled_dot_product_attention(q, k[0], k[0])
 
 
-def test_a_value_head_dim_over_256_falls_back_to_torch(monkeypatch) -> None:
+def test_a_value_head_dim_over_512_falls_back_to_torch(monkeypatch) -> None:
     # The "can the kernels serve this call" check used to look at q and k only, then the kernels
     # refused v with an error instead of the promised fallback.
     gen = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 2, 5, 32, generator=gen), torch.randn(1, 2, 7, 32, generator=gen), \
-        torch.randn(1, 2, 7, 300, generator=gen)
+        torch.randn(1, 2, 7, 600, generator=gen)
     monkeypatch.setattr(fused_attn.sdpa, "_WARNED", set())
-    with pytest.warns(UserWarning, match="a head dim over 256"):
+    with pytest.warns(UserWarning, match="a head dim over 512"):
         out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))

@@ -150,6 +150,33 @@ def test_opcheck_packed_sequences(device: str) -> None:
                                                   *op_settings, False))
 
 
+def test_opcheck_sinks_and_compiled_sink_gradient(device: str) -> None:
+    """The sinks input of both ops (the backward returns their gradient as a fifth output), and
+    a fullgraph-compiled call whose sink gradient equals the eager one."""
+    case = Case(2, 4, 2, 17, 23, 32, 32, True, torch.float32)
+    q, k, v, do = make_inputs(case, device)
+    sinks = torch.randn(case.heads_q, device=device)
+    op_settings = (case.head_dim ** -0.5, -1, 0, 0.0, 0.0, 0, 0)
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v, sinks))
+    torch.library.opcheck(attention_forward_op, (*leaves[:3], None, None, None, None, None, *op_settings, leaves[3]))
+    with torch.no_grad():
+        o, lse = attention_forward_op(q, k, v, None, None, None, None, None, *op_settings, sinks)
+    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, None, None, None, None, None, *op_settings,
+                                                  False, None, sinks))
+
+    def run(fn):
+        leaf = sinks.clone().requires_grad_()
+        out = fn(q, k, v, leaf)
+        (out * do).sum().backward()
+        return out.detach(), leaf.grad
+
+    def call(q, k, v, s):
+        return fused_attn.attention(q, k, v, causal=True, sinks=s)
+
+    eager, compiled = run(call), run(torch.compile(call, fullgraph=True, backend="aot_eager"))
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
 class VariantBlock(TinyBlock):
     """TinyBlock with every variant at once: a causal sliding window, ALiBi, softcap and, while
     training, dropout."""
