@@ -152,6 +152,8 @@ ARCHS = [
     Arch("marian", "MarianMTModel", "MarianConfig", SEQ2SEQ, inputs="seq2seq"),
     Arch("m2m100", "M2M100ForConditionalGeneration", "M2M100Config", SEQ2SEQ, inputs="seq2seq"),
     Arch("t5-bias", "T5ForConditionalGeneration", "T5Config", T5_STYLE, inputs="seq2seq"),
+    Arch("mt5-bias", "MT5ForConditionalGeneration", "MT5Config", T5_STYLE, inputs="seq2seq"),
+    Arch("umt5-bias", "UMT5ForConditionalGeneration", "UMT5Config", T5_STYLE, inputs="seq2seq"),  # a bias per layer
     Arch("switch-transformers-moe-bias", "SwitchTransformersForConditionalGeneration", "SwitchTransformersConfig",
          {**T5_STYLE, "num_decoder_layers": 2, "num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1,
           "num_experts": 4, "expert_capacity": 64}, inputs="seq2seq"),
