@@ -81,13 +81,14 @@ def override_configs(configs: AttentionConfigs) -> Iterator[None]:
         _config_override.reset(token)
 
 
-def check_device(t: torch.Tensor) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; say so otherwise."""
+def check_device(t: torch.Tensor, head_dim: int = 0) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; say so otherwise.
+    `head_dim`: the largest of the call's q/k and v head dims, checked against the card."""
     if t.device.type == "cuda":
         if interpreting():
             raise ValueError("q is a CUDA tensor but TRITON_INTERPRET=1 is set: the interpreter runs "
                              "CPU tensors only; unset TRITON_INTERPRET or move q, k, v to the CPU")
-        check_dtype_on_device(t)
+        check_dtype_on_device(t, head_dim)
         return
     if t.device.type == "cpu":
         if not interpreting():
@@ -111,26 +112,36 @@ def device_row(device_index: int) -> tuple[int, int, int]:
     return capability, int(shared), _configs.table_capability(capability, int(shared))
 
 
-def device_fallback_reason(q: torch.Tensor) -> str | None:
-    """Why the kernels cannot serve q's dtype on q's GPU (bf16 before capability 8.0), or None:
-    the drop-in wrappers fall back to torch for it, where `attention` raises."""
-    if q.device.type != "cuda" or interpreting() or q.dtype != torch.bfloat16:
+def device_fallback_reason(q: torch.Tensor, head_dim: int = 0) -> str | None:
+    """Why the kernels cannot serve this call on q's GPU, or None: bf16 before capability 8.0, or
+    a head dim (`head_dim`: the largest of q/k and v) over what the card's shared memory allows
+    (configs.max_head_dim). The drop-in wrappers fall back to torch for it, where `attention` raises."""
+    if q.device.type != "cuda" or interpreting():
         return None
-    capability, _, _ = device_row(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    if capability < 80:
+    capability, _, row = device_row(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if q.dtype == torch.bfloat16 and capability < 80:
         return f"bf16 on a GPU of capability {capability // 10}.{capability % 10} (no bf16 arithmetic)"
+    limit = _configs.max_head_dim(row, q.element_size())
+    if head_dim > limit:
+        return (f"a head dim of {head_dim} in {str(q.dtype).replace('torch.', '')} on a GPU of capability "
+                f"{capability // 10}.{capability % 10} (at most {limit}: no tile of a larger head dim fits its shared "
+                "memory)")
     return None
 
 
-def check_dtype_on_device(q: torch.Tensor) -> None:
-    """bf16 needs capability 8.0: refuse it on older cards before any launch; warn once that
-    Turing (sm_75) runs without tensor cores (Triton lowers tl.dot to FMA there)."""
+def check_dtype_on_device(q: torch.Tensor, head_dim: int = 0) -> None:
+    """bf16 needs capability 8.0, and head dims over 256 a card whose shared memory holds their
+    tiles: refuse them before any launch; warn once that Turing (sm_75) runs without tensor cores
+    (Triton lowers tl.dot to FMA there)."""
     if q.device.type != "cuda" or interpreting():
         return
     capability, _, row = device_row(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    if device_fallback_reason(q) is not None:
+    if q.dtype == torch.bfloat16 and device_fallback_reason(q) is not None:
         raise ValueError(f"q has dtype torch.bfloat16, which a GPU of capability {capability // 10}.{capability % 10} "
                          "cannot compute in; use torch.float16 or torch.float32 on this card")
+    reason = device_fallback_reason(q, head_dim)
+    if reason is not None:
+        raise ValueError(f"q, k, v: {reason}; use smaller head dims on this card, or a card with more shared memory")
     if not _configs.TARGETS[row].tensor_cores:
         _warn_once(("no tensor cores", row),
                    f"fused_attn on capability {capability // 10}.{capability % 10} ({_configs.TARGETS[row].cards}): "

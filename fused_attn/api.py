@@ -140,7 +140,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     softcap = check_softcap(softcap, scale)
     dropout_p = check_dropout(dropout_p)
     sinks = check_sinks(sinks, q.shape[1], q.device)
-    check_device(q)
+    check_device(q, max(q.shape[-1], v.shape[-1]))
     o, lse = attention_forward_op(q, k, v, bias, slopes, None, None, _seed_for(dropout_p, generator), scale,
                                   window_left, window_right, softcap, dropout_p, 0, 0, sinks)
     return (o, lse) if return_lse else o
@@ -180,7 +180,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     softcap = check_softcap(softcap, scale)
     dropout_p = check_dropout(dropout_p)
     sinks = check_sinks(sinks, q.shape[1], q.device)
-    check_device(q)
+    check_device(q, max(q.shape[-1], v.shape[-1]))
     o, lse = attention_forward_op(q, k, v, None, slopes, cu_seqlens_q, cu_seqlens_k,
                                   _seed_for(dropout_p, generator), scale, window_left, window_right, softcap,
                                   dropout_p, max_seqlen_q, max_seqlen_k, sinks)

@@ -132,7 +132,7 @@ def fused_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     call = _describe(module, query, key, attention_mask, causal, kwargs)
     want_weights = _weights_requested(kwargs)
-    reason = _fallback_reason(module, query, dropout, want_weights, kwargs)
+    reason = _fallback_reason(module, query, dropout, want_weights, kwargs, max(query.shape[-1], value.shape[-1]))
     if reason is not None:
         return _on_eager(module, query, key, value, call, reason, dropout, scaling, is_causal, kwargs)
     return _on_kernels(query, key, value, call, dropout, scaling, want_weights, kwargs)
@@ -265,7 +265,7 @@ def _weights_requested(kwargs: dict) -> bool:
 
 
 def _fallback_reason(module: torch.nn.Module, query: torch.Tensor, dropout: float, want_weights: bool,
-                     kwargs: dict) -> str | None:
+                     kwargs: dict, head_dim: int = 0) -> str | None:
     """Why this call must run the model's eager attention, or None when the kernels serve it."""
     unknown = sorted(name for name, value in kwargs.items()
                      if value is not None and name not in IGNORED_KWARGS and name not in SERVED_KWARGS)
@@ -288,7 +288,7 @@ def _fallback_reason(module: torch.nn.Module, query: torch.Tensor, dropout: floa
         return "attention weights requested with attention dropout while training (eager returns dropped weights)"
     if kwargs.get("position_bias") is not None and kwargs.get("softcap"):
         return "a position bias together with softcapping"
-    return device_fallback_reason(query)
+    return device_fallback_reason(query, head_dim)
 
 
 def _on_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: _Call, dropout: float,

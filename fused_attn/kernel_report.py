@@ -48,7 +48,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from fused_attn.kernels.configs import (ACCEPTED_FAILURES, UNVETTED_ROWS, CAPABILITIES, HEAD_DIM_BUCKETS,
                                         KERNELS as TABLE_KERNELS, TARGETS, TMA_KERNELS, TMA_MIN_HEAD_DIM, VARIANTS as TABLE_VARIANTS,
                                         AttentionConfigs, KernelConfig, all_candidates, all_configs,
-                                        has_variant_rows, lookup, preprocess_block_m, uses_tma, variant_key)
+                                        has_variant_rows, lookup, max_head_dim, preprocess_block_m, uses_tma,
+                                        variant_key)
 
 SHARED_MEMORY_LIMITS: dict[int, int] = {cap: target.shared_memory for cap, target in TARGETS.items()}
 """Largest shared memory one block may use, in bytes, per compile target (configs.TARGETS)."""
@@ -981,6 +982,8 @@ def pick_table(capabilities: Sequence[int] = CAPABILITIES, head_dims: Sequence[i
                     for size in element_sizes:
                         for table_variant in phase:
                             if table_variant != "plain" and not has_variant_rows(capability, head_dim, size):
+                                continue
+                            if head_dim > max_head_dim(capability, size):  # refused on such cards
                                 continue
                             key = (capability, head_dim, size, table_variant)
                             for kernel in ("dkdv", "dq", "fwd"):

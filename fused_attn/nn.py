@@ -116,7 +116,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return f"head dim {self.head_dim} is over {MAX_HEAD_DIM}"
         if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
             return f"{query.device.type} tensors need CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
-        return device_fallback_reason(query)
+        return device_fallback_reason(query, self.head_dim)
 
 
 def swap_attention(model: torch.nn.Module) -> int:

@@ -39,7 +39,7 @@ def _unsupported(query: torch.Tensor, key: torch.Tensor, is_causal: bool, return
         return f"dtype {query.dtype}"
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
-    return device_fallback_reason(query)
+    return device_fallback_reason(query, query.shape[-1])
 
 
 def _like(ref: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

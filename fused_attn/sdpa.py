@@ -40,7 +40,7 @@ def _fallback_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return f"a head dim over {MAX_HEAD_DIM}"
     if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
         return f"{query.device.type} tensors (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-    return device_fallback_reason(query)
+    return device_fallback_reason(query, max(query.shape[-1], value.shape[-1]))
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -85,6 +85,18 @@ def uses_tma(row: int, kernel: str, head_dim: int, element_size: int, variant: s
     return (element_size == 2 and variant == "plain" and head_dim_bucket(head_dim) >= TMA_MIN_HEAD_DIM
             and kernel in TMA_KERNELS.get(row, frozenset()))
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256, 512)
+SMALL_SHARED_HEAD_DIM = 256
+"""The largest head dim on cards whose backward does not fit a head dim of 512 in shared memory even
+at 16 x 16 tiles: Turing (64 KB; dK/dV and dQ need 96 KB in fp16) and fp32 on the 99 KB targets
+(capability 8.6/8.9 and 12.0; 128 KB needed). See `max_head_dim`."""
+
+
+def max_head_dim(row: int, element_size: int) -> int:
+    """The largest q/k or v head dim the kernels serve on a card of table row `row` in this
+    element size: 512, or SMALL_SHARED_HEAD_DIM where no 512-wide tile fits its shared memory."""
+    if row == 75 or (element_size >= 4 and TARGETS[row].shared_memory < 131_072):
+        return SMALL_SHARED_HEAD_DIM
+    return HEAD_DIM_BUCKETS[-1]
 ELEMENT_SIZES = (2, 4)
 KERNELS = ("forward", "backward_dkdv", "backward_dq")
 VARIANTS = ("plain", "mask", "dropout", "all")
@@ -188,6 +200,10 @@ _MASK_256 = ("a float mask at head dim 256 on H100: every HGMMA tile spills insi
 _MASK_DKDV = ("dK/dV with a mask (and dropout): the mask tile and the stored dS take the registers the 64-row MMA "
               "tiles need, so each spills inside the hot loop; the listed tile runs without local memory but with a "
               "narrow wgmma, HMMA, or replicated MMA work")
+_HEAD_DIM_512 = ("head dim 512: Q (or K and V) and the float32 accumulators fill the registers even at 16- and 32-row "
+                 "tiles, so the hot loop spills, replicates MMA work or (on H100) runs the pre-Hopper MMA; the tile listed "
+                 "fails least. Correct but not fast until Q stays in shared memory or the accumulators are split along "
+                 "the head dim")
 _TURING = ("Turing (no tensor cores: Triton lowers tl.dot to FMA, whose operand tiles sit whole in registers): at "
            "this head dim the backward spills inside the hot loop even at 16x16; T4 is the slow, correct path (warned "
            "at run time)")
@@ -246,6 +262,12 @@ ACCEPTED_FAILURES: dict[tuple[int, int, int, str, str], str] = {
     (120, 256, 4, 'plain', 'backward_dkdv'): _FP32_TF32,
     (120, 256, 2, 'dropout', 'backward_dkdv'): _DKDV_256,
     (120, 256, 2, 'mask', 'backward_dkdv'): _DKDV_256,
+    **{(cap, 512, size, 'plain', kernel): _HEAD_DIM_512 for cap, size, kernel in (
+        (80, 2, 'backward_dkdv'), (80, 4, 'forward'), (80, 4, 'backward_dkdv'), (80, 4, 'backward_dq'),
+        (86, 2, 'backward_dkdv'), (90, 2, 'forward'), (90, 2, 'backward_dkdv'), (90, 2, 'backward_dq'),
+        (90, 4, 'forward'), (90, 4, 'backward_dkdv'), (90, 4, 'backward_dq'), (100, 2, 'backward_dkdv'),
+        (100, 4, 'forward'), (100, 4, 'backward_dkdv'), (100, 4, 'backward_dq'), (120, 2, 'backward_dkdv'),
+        (120, 2, 'backward_dq'))},
 }
 """(capability row, head-dim bucket, element size, variant, kernel) -> why no candidate tile passes
 the speed checks there; the table then holds the tile whose failures cost least, and the

@@ -42,7 +42,7 @@ def test_every_row_is_in_the_table_with_tiles_that_fit_it() -> None:
     table = configs.all_candidates()
     expected = {(cap, d, size, variant) for cap in configs.CAPABILITIES for d in configs.HEAD_DIM_BUCKETS
                 for size in configs.ELEMENT_SIZES for variant in configs.VARIANTS
-                if variant == "plain" or configs.has_variant_rows(cap, d, size)}
+                if (variant == "plain" or configs.has_variant_rows(cap, d, size)) and d <= configs.max_head_dim(cap, size)}
     assert set(table) == expected
     for key, by_kernel in table.items():
         assert set(by_kernel) == set(configs.KERNELS), key
@@ -127,7 +127,8 @@ def test_out_of_resources_on_every_tile_raises(fake_gpu) -> None:
 
 
 def _cuda_like(dtype: torch.dtype) -> types.SimpleNamespace:
-    return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, element_size=lambda: size)
 
 
 def test_bf16_is_refused_on_turing_before_any_launch(fake_gpu) -> None:
@@ -190,13 +191,37 @@ def test_drop_in_wrappers_fall_back_for_what_the_card_cannot_compute(monkeypatch
     from fused_attn import hf, nn, registry, sdpa
 
     for module in (sdpa, nn, registry, hf):
-        monkeypatch.setattr(module, "device_fallback_reason", lambda q: "the card cannot")
+        monkeypatch.setattr(module, "device_fallback_reason", lambda q, head_dim=0: "the card cannot")
     q = torch.randn(1, 2, 4, 16)
     assert sdpa._fallback_reason(q, q, q, 0.0) == "the card cannot"
     assert registry._unsupported(q, q, False) == "the card cannot"
     mha = nn.MultiheadAttention(32, 2, batch_first=True)
     assert mha._why_not_fused(q, q, None, False, None, False) == "the card cannot"
     assert hf._fallback_reason(torch.nn.Module(), q, 0.0, False, {}) == "the card cannot"
+
+
+@pytest.mark.parametrize("capability, shared, dtype, limit", [
+    (75, 65_536, torch.float16, 256), (75, 65_536, torch.float32, 256), (86, 101_376, torch.float32, 256),
+    (120, 101_376, torch.float32, 256), (86, 101_376, torch.bfloat16, 512), (80, 166_912, torch.float32, 512),
+    (90, 232_448, torch.bfloat16, 512), (100, 232_448, torch.float32, 512)])
+def test_head_dims_over_256_need_a_card_whose_shared_memory_holds_their_tiles(
+        fake_gpu, capability: int, shared: int, dtype: torch.dtype, limit: int) -> None:
+    """Head dim 512's backward needs 96 KB (fp16) or 128 KB (fp32) of shared memory at 16 x 16:
+    `attention` refuses it before a launch on cards that have less, the drop-in wrappers fall back,
+    and the table has no such row."""
+    fake_gpu(capability, shared)
+    q = _cuda_like(dtype)
+    size = q.element_size()
+    assert configs.max_head_dim(configs.table_capability(capability, shared), size) == limit
+    assert _launch.device_fallback_reason(q, limit) is None or dtype == torch.bfloat16 and capability < 80
+    if limit < 512:
+        assert "at most 256" in _launch.device_fallback_reason(q, 257)
+        with pytest.raises(ValueError, match=r"q, k, v: a head dim of 300 .*at most 256"):
+            _launch.check_device(q, 300)
+        assert (configs.table_capability(capability, shared), 512, size, "plain") not in configs.PICKED
+    else:
+        _launch.check_device(q, 512)
+        assert (configs.table_capability(capability, shared), 512, size, "plain") in configs.PICKED
 
 
 def test_fp32_turing_and_small_head_dims_run_the_plain_tiles_for_variants() -> None:
