@@ -59,9 +59,9 @@ Runs the model's own eager attention function (the default its attention layer n
 `ALL_ATTENTION_FUNCTIONS.get_interface`), given the float mask eager would get, after a warning
 once per reason: attention weights together with training dropout (eager returns dropped
 weights) or with sinks (models disagree on which weights they return), sinks that are not one
-logit per head, a position bias together with softcapping, and a keyword argument outside
-`IGNORED_KWARGS` and `SERVED_KWARGS` that the eager function applies (Inkling2's per-token
-`sinks`).
+logit per head, a position bias together with softcapping, a head dim over 512 (or over what
+the card's shared memory allows), and a keyword argument outside `IGNORED_KWARGS` and
+`SERVED_KWARGS` that the eager function applies (Inkling2's per-token `sinks`).
 
 Raises NotImplementedError: a keyword argument neither the kernels nor the eager function
 apply (MiniMax-M3's `block_indices`, which the model folds into the mask only under eager and
@@ -80,6 +80,7 @@ from typing import Callable
 
 import torch
 
+from fused_attn._checks import MAX_HEAD_DIM
 from fused_attn._hf_packing import packed_mask, recorded_packing
 from fused_attn._launch import device_fallback_reason
 from fused_attn.api import attention, attention_varlen
@@ -288,6 +289,8 @@ def _fallback_reason(module: torch.nn.Module, query: torch.Tensor, dropout: floa
         return "attention weights requested with attention dropout while training (eager returns dropped weights)"
     if kwargs.get("position_bias") is not None and kwargs.get("softcap"):
         return "a position bias together with softcapping"
+    if head_dim > MAX_HEAD_DIM:  # e.g. MLA's absorbed 576-wide keys
+        return f"a head dim of {head_dim} (the kernels take up to {MAX_HEAD_DIM})"
     return device_fallback_reason(query, head_dim)
 
 

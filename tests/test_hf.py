@@ -675,6 +675,28 @@ def test_keyword_arguments_eager_applies_run_the_models_eager_attention(device: 
     torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
+def test_head_dims_over_512_run_the_models_eager_attention(device: str, kernel_calls: list[dict]) -> None:
+    """MLA's absorbed keys are 576 wide: more than the kernels take, so the call runs the model's
+    eager attention (warned once) instead of raising; 512 itself runs on the kernels."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
+
+    config = transformers.LlamaConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, head_dim=576)
+    module = LlamaAttention(config, 0).to(device)
+    gen = torch.Generator().manual_seed(0)
+    for head_dim, on_kernels in ((512, True), (576, False)):
+        q, k, v = (torch.randn(1, 2, 5, head_dim, generator=gen).to(device) for _ in range(3))
+        fused_attn.hf._WARNED.clear()
+        before = len(kernel_calls)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mine, _ = fused_attn.hf.fused_attn_forward(module, q, k, v, None, scaling=0.1)
+        theirs, _ = eager_attention_forward(module, q, k, v, _additive(torch.ones(5, 5, dtype=torch.bool,
+                                                                                   device=device).tril()), scaling=0.1)
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+        assert (len(kernel_calls) > before) == on_kernels
+        assert any("a head dim of 576" in str(w.message) for w in caught) == (not on_kernels)
+
+
 @pytest.mark.parametrize("name", ["block_indices", "head_mask", "a_future_argument"])
 def test_keyword_arguments_nobody_applies_raise(name: str, device: str, kernel_calls: list[dict]) -> None:
     """A keyword argument that neither the kernels nor the model's eager function apply (MiniMax-M3's
