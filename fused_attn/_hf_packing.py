@@ -39,6 +39,9 @@ class PackedForward:
     config: weakref.ref
     segments: torch.Tensor
     windows: set[int | None] = field(default_factory=set)
+    # Computed once per forward, not per layer: each costs a host sync on a GPU.
+    _bounds: dict[torch.device, tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=dict)
+    _checked_positions: object = None
 
     def window_for_layer(self) -> int | None:
         """The window of a layer that names none: the one mask kind skipped in this forward (PhiMoE's
@@ -47,12 +50,15 @@ class PackedForward:
 
     def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) over the batch rows flattened, int32."""
+        if device in self._bounds:
+            return self._bounds[device]
         batch, seq = self.segments.shape
         ids = (self.segments + torch.arange(batch, device=self.segments.device)[:, None] * (seq + 1)).reshape(-1)
         starts = torch.nonzero(ids[1:] != ids[:-1]).reshape(-1) + 1
         cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), ids.numel())]).to(device, torch.int32)
         longest = int((cu[1:] - cu[:-1]).max())
-        return cu, cu, longest, longest
+        self._bounds[device] = cu, cu, longest, longest
+        return self._bounds[device]
 
 
 _PACKING: contextvars.ContextVar[PackedForward | None] = contextvars.ContextVar("fused_attn_packing", default=None)
@@ -206,10 +212,12 @@ def recorded_packing(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if query.shape[0] != batch or query.shape[2] != seq or key.shape[2] != seq:
         return None
     position_ids = kwargs.get("position_ids")
-    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq:
+    if (isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq
+            and position_ids is not record._checked_positions):  # the layers of a forward share one tensor
         segments = segments_from_positions(position_ids.expand(batch, -1).to(record.segments.device))
         if not torch.equal(segments, record.segments):
             raise NotImplementedError("fused_attn: this attention call's position_ids pack sequences differently "
                                       "from what the mask builder recorded for the forward; pass cu_seq_lens_q/k "
                                       "(DataCollatorWithFlattening(return_flash_attn_kwargs=True)) or an explicit mask")
+        record._checked_positions = position_ids
     return record

@@ -445,6 +445,19 @@ def test_recorded_packing_is_forgotten_by_the_next_forward(device: str, kernel_c
     assert [c["varlen"] for c in kernel_calls] == [True, True, False, False]
 
 
+def test_position_ids_that_disagree_with_the_recorded_packing_raise(device: str) -> None:
+    """A layer called with position_ids that pack differently from what the mask builder recorded
+    for the forward (a layer recomputed after another forward) raises instead of guessing."""
+    fused, _, _ = _twins(transformers.LlamaForCausalLM, _llama_config(), device)
+    ids = torch.randint(0, 97, (1, 7), device=device)
+    fused(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device), use_cache=False)
+    layer = fused.model.layers[0].self_attn
+    q = torch.randn(1, 4, 7, 16, device=device)
+    k, v = (torch.randn(1, 2, 7, 16, device=device) for _ in range(2))
+    with pytest.raises(NotImplementedError, match="position_ids pack sequences differently"):
+        fused_attn.hf.fused_attn_forward(layer, q, k, v, None, position_ids=torch.arange(7, device=device)[None])
+
+
 def test_bart_encoder_decoder_with_cross_attention(device: str, kernel_calls: list[dict]) -> None:
     config = transformers.BartConfig(vocab_size=97, d_model=64, encoder_layers=1, decoder_layers=1,
                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
