@@ -365,6 +365,16 @@ def test_packed_sequences_run_as_varlen(family: str, device: str, kernel_calls: 
         torch.testing.assert_close(results["fused"][0][:, start:end], alone, rtol=1e-4, atol=1e-4)
 
 
+def _loss_step(model: torch.nn.Module, batch: dict, strict: bool) -> list[torch.Tensor]:
+    """One forward and backward of the model's own loss on `batch`, without a cache: the logits
+    and every parameter's gradient. `strict`: any warning is an error (the fused model's runs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if strict else "default")
+        out = model(**batch, use_cache=False)
+    out.loss.backward()
+    return [out.logits.detach()] + [p.grad for p in model.parameters()]
+
+
 def _packing_model(family: str):
     if family == "llama":
         return transformers.LlamaForCausalLM, _llama_config()
@@ -412,16 +422,10 @@ def test_packing_by_position_ids_builds_no_square_mask(family: str, device: str,
     batch = collator([{"input_ids": torch.randint(0, 97, (n,)).tolist()} for n in (5, 9, 3)])
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     batch = {name: value.to(device) for name, value in batch.items()}
-    results = {}
-    for name, model in (("fused", fused), ("eager", eager)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error" if name == "fused" else "default")
-            out = model(**batch, use_cache=False)
-        out.loss.backward()
-        results[name] = [out.logits.detach()] + [p.grad for p in model.parameters()]
-        if name == "fused":
-            built_by_fused, built[:] = list(built), []
-    built = built_by_fused  # eager's own builder calls sdpa_mask too
+    results = {"fused": _loss_step(fused, batch, strict=True)}
+    built_by_fused, built[:] = list(built), []  # eager's own builder calls sdpa_mask too
+    results["eager"] = _loss_step(eager, batch, strict=False)
+    built = built_by_fused
     if family == "doge-content-mask":
         assert (1, 1, 17, 17) in built and all(not call["varlen"] for call in kernel_calls)
     else:
@@ -783,13 +787,8 @@ def test_packed_sequences_apply_the_mask(family: str, device: str, kernel_calls:
     collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
     batch = collator([{"input_ids": seq.tolist()} for seq in sequences])
     batch = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
-    results = {}
-    for name, model in (("fused", fused), ("eager", eager)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error" if name == "fused" else "default")
-            out = model(**batch, use_cache=False)
-        out.loss.backward()
-        results[name] = [out.logits.detach()] + [p.grad for p in model.parameters()]
+    results = {name: _loss_step(model, batch, strict=name == "fused") for name, model in (("fused", fused),
+                                                                                          ("eager", eager))}
     if family.startswith("phimoe"):  # the mask's window, W - 1 = 3 keys before each query
         assert [(c["varlen"], c["causal"], c["window"]) for c in kernel_calls] == [(True, True, (3, 0))] * 2
     else:
