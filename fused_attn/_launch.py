@@ -136,7 +136,7 @@ def check_dtype_on_device(q: torch.Tensor, head_dim: int = 0) -> None:
     if q.device.type != "cuda" or interpreting():
         return
     capability, _, row = device_row(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    if q.dtype == torch.bfloat16 and device_fallback_reason(q) is not None:
+    if q.dtype == torch.bfloat16 and capability < 80:
         raise ValueError(f"q has dtype torch.bfloat16, which a GPU of capability {capability // 10}.{capability % 10} "
                          "cannot compute in; use torch.float16 or torch.float32 on this card")
     reason = device_fallback_reason(q, head_dim)
