@@ -885,8 +885,12 @@ def _candidate_kind(capability: int, element_size: int) -> str:
 
 
 # Head dim 512: a 64-row tile's Q (or K and V) and float32 accumulators spill whatever the warp
-# count (probed on sm_90: 700+ LDL/STL in the forward's hot loop at 64x32), so only small tiles
-# are compiled for that bucket.
+# count, so only small tiles are compiled for that bucket. Probed (bf16, Triton 3.9): sm_90 forward
+# 64x32 w4 has 700+ LDL/STL in the hot loop; with 8 warps Triton splits the 512-wide accumulator
+# across the two warpgroups but has both compute the whole S = QK^T (executed/useful 1.50 at
+# 64x16, 64x32, 64x64, 64x128) and still spills (24-79 LDL/STL). sm_80 dK/dV and dQ at
+# 16/32/64-row tiles with 8 warps: replicated S (1.5-2.5) or over 163 KB of shared memory. Sharing
+# one S between warpgroups needs layouts Triton's tl.dot does not let a kernel choose.
 CANDIDATE_TILES_512: dict[str, tuple[KernelConfig, ...]] = {
     "fwd": _tiles("32x32w4s1", "32x16w4s1", "16x32w4s1", "16x16w4s1"),
     "dkdv": _tiles("32x32w4s1", "16x32w4s1", "32x16w4s1", "16x16w4s1"),
