@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from fused_attn._launch import device_fallback_reason, interpreting
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512  # q/k and v head dims; the config table has a bucket for each power of two up to it
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -16,6 +18,30 @@ FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 # A window side this large cannot exclude a key (no sequence is that long); larger ones are
 # clamped to it so every side fits the ops' int64 and the reference's arithmetic.
 MAX_WINDOW = 2**62
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def unsupported_reason(q: torch.Tensor, head_dim: int, head_dim_v: int = 0) -> str | None:
+    """Why the kernels cannot serve an attention call whose tensors have q's dtype and device and
+    these head dims (q/k and v), or None when they can.
+
+    The one answer the drop-in entry points (`sdpa`, `nn.MultiheadAttention`, the SDPA-flash
+    `registry`, `hf`) ask before handing a call to torch or the model's eager code; each adds only
+    the reasons its own arguments bring. `attention` itself raises for the same calls instead."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(_dtype_name(d) for d in SUPPORTED_DTYPES)
+        return f"dtype {_dtype_name(q.dtype)} (the kernels take {names})"
+    widest = max(head_dim, head_dim_v)
+    if widest > MAX_HEAD_DIM:
+        return f"a head dim of {widest} (the kernels take up to {MAX_HEAD_DIM})"
+    runnable = "cpu" if interpreting() else "cuda"
+    if q.device.type != runnable:
+        return f"{q.device.type} tensors (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+    return device_fallback_reason(q, widest)
+
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,

@@ -10,7 +10,6 @@ import functools
 import math
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
@@ -21,6 +20,7 @@ from triton.runtime.jit import JITFunction
 
 from fused_attn.kernels import attention as _kernels
 from fused_attn.kernels import configs as _configs
+from fused_attn._warnings import warn_once
 from fused_attn.kernels.configs import INTERPRETER_CONFIGS, AttentionConfigs, KernelConfig, preprocess_block_m
 
 _MAX_GRID = 2**31 - 1
@@ -143,10 +143,11 @@ def check_dtype_on_device(q: torch.Tensor, head_dim: int = 0) -> None:
     if reason is not None:
         raise ValueError(f"q, k, v: {reason}; use smaller head dims on this card, or a card with more shared memory")
     if not _configs.TARGETS[row].tensor_cores:
-        _warn_once(("no tensor cores", row),
-                   f"fused_attn on capability {capability // 10}.{capability % 10} ({_configs.TARGETS[row].cards}): "
-                   "Triton lowers tl.dot to FMA instructions here, without tensor cores; the kernels are correct "
-                   "but slow (torch.nn.functional.scaled_dot_product_attention may be faster on this card)")
+        warn_once(_WARNED, ("no tensor cores", row),
+                  f"fused_attn on capability {capability // 10}.{capability % 10} ({_configs.TARGETS[row].cards}): "
+                  "Triton lowers tl.dot to FMA instructions here, without tensor cores; the kernels are correct "
+                  "but slow (torch.nn.functional.scaled_dot_product_attention may be faster on this card)",
+                  category=RuntimeWarning, stacklevel=2)
 
 
 ENV_TMA = "FUSED_ATTN_TMA"
@@ -201,12 +202,6 @@ def _ensure_tma_allocator() -> None:
 _WARNED: set[object] = set()
 
 
-def _warn_once(key: object, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def _variant_key(flags: dict[str, object]) -> str:
     return _configs.variant_key(bool(flags["BIAS_KIND"]), bool(flags["HAS_DROPOUT"]))
 
@@ -257,8 +252,8 @@ def _launch_tiled(kernel: str, candidates: tuple[KernelConfig, ...], q: torch.Te
         except OutOfResources as exc:
             _OUT_OF_RESOURCES.add(key)
             last_error = exc
-            _warn_once(key, f"fused_attn: the {kernel} tile {cfg} needs more resources than this GPU has "
-                            f"({exc}); using the next smaller vetted tile")
+            warn_once(_WARNED, key, f"fused_attn: the {kernel} tile {cfg} needs more resources than this GPU has "
+                      f"({exc}); using the next smaller vetted tile", category=RuntimeWarning, stacklevel=2)
     if last_error is None:
         raise RuntimeError(f"fused_attn: every vetted {kernel} tile ran out of resources on this GPU earlier")
     raise last_error

@@ -74,15 +74,14 @@ import functools
 import inspect
 import re
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from fused_attn._checks import MAX_HEAD_DIM
+from fused_attn._checks import unsupported_reason
 from fused_attn._hf_packing import packed_mask, recorded_packing
-from fused_attn._launch import device_fallback_reason
+from fused_attn._warnings import warn_once
 from fused_attn.api import attention, attention_varlen
 from fused_attn.weights import attention_probs
 
@@ -289,9 +288,7 @@ def _fallback_reason(module: torch.nn.Module, query: torch.Tensor, dropout: floa
         return "attention weights requested with attention dropout while training (eager returns dropped weights)"
     if kwargs.get("position_bias") is not None and kwargs.get("softcap"):
         return "a position bias together with softcapping"
-    if head_dim > MAX_HEAD_DIM:  # e.g. MLA's absorbed 576-wide keys
-        return f"a head dim of {head_dim} (the kernels take up to {MAX_HEAD_DIM})"
-    return device_fallback_reason(query, head_dim)
+    return unsupported_reason(query, head_dim)  # e.g. MLA's absorbed 576-wide keys
 
 
 def _on_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: _Call, dropout: float,
@@ -408,11 +405,9 @@ def _on_eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     """The model's own eager attention function, given the float mask eager would have got (the
     builder's bool mask as 0 / dtype-min, or the pattern a missing mask stood for)."""
     eager = _eager_function(module)
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"fused_attn: {reason} cannot run on the kernels; these calls run the model's own eager "
-                      f"attention ({eager.__module__}.{eager.__qualname__}) instead (warned once per reason)",
-                      stacklevel=3)
+    warn_once(_WARNED, reason, f"fused_attn: {reason} cannot run on the kernels; these calls run the model's own "
+              f"eager attention ({eager.__module__}.{eager.__qualname__}) instead (warned once per reason)",
+              stacklevel=3)
     mask = call.mask
     if mask is None and call.bounds is not None:
         mask = _packed_pattern(call, query, key)

@@ -1,23 +1,14 @@
 """Modules: a drop-in `MultiheadAttention` and `swap_attention` for models that already exist."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-from fused_attn._checks import MAX_HEAD_DIM
-from fused_attn._launch import device_fallback_reason, interpreting
+from fused_attn._checks import unsupported_reason
+from fused_attn._warnings import warn_once
 from fused_attn.api import attention
 
 _WARNED: set[str] = set()
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"fused_attn.nn.MultiheadAttention: {reason}; this call runs torch's own "
-                      "implementation instead (warned once per reason)", stacklevel=3)
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -48,7 +39,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         reason = self._why_not_fused(query, key, key_padding_mask, need_weights, attn_mask, is_causal)
         if reason is not None:
-            _warn_once(reason)
+            warn_once(_WARNED, reason, f"fused_attn.nn.MultiheadAttention: {reason}; this call runs torch's own "
+                      "implementation instead (warned once per reason)", stacklevel=2)
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
@@ -110,13 +102,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return "dropout=1 while training"
         if self.bias_k is not None or self.add_zero_attn:
             return "add_bias_kv and add_zero_attn are not supported"
-        if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"dtype {query.dtype} is not supported by the kernels"
-        if self.head_dim > MAX_HEAD_DIM:
-            return f"head dim {self.head_dim} is over {MAX_HEAD_DIM}"
-        if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
-            return f"{query.device.type} tensors need CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
-        return device_fallback_reason(query, self.head_dim)
+        return unsupported_reason(query, self.head_dim)
 
 
 def swap_attention(model: torch.nn.Module) -> int:

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_attn._checks import MAX_HEAD_DIM, check_attention_inputs, check_dropout
-from fused_attn._launch import device_fallback_reason
+from fused_attn._checks import check_attention_inputs, check_dropout, unsupported_reason
 from fused_attn._function import attention_backward_op, forward
 from fused_attn.api import dropout_seed
 
@@ -29,17 +28,13 @@ IMPL_NAME = "fused_attn"
 _OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")
 
 
-def _unsupported(query: torch.Tensor, key: torch.Tensor, is_causal: bool, return_debug_mask: bool = False
-                 ) -> str | None:
+def _unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool,
+                 return_debug_mask: bool = False) -> str | None:
     if return_debug_mask:
         return "return_debug_mask=True"
     if is_causal and query.shape[2] != key.shape[2]:
         return "is_causal with Sq != Sk (SDPA aligns top-left, fused_attn bottom-right)"
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {query.dtype}"
-    if query.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
-    return device_fallback_reason(query, query.shape[-1])
+    return unsupported_reason(query, query.shape[-1], value.shape[-1])
 
 
 def _like(ref: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -55,7 +50,7 @@ def sdpa_flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        scale: float | None = None) -> tuple:
     """``aten::_scaled_dot_product_flash_attention`` on fused_attn's kernels; same outputs:
     (out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, rng_state, philox_offset, debug_mask)."""
-    reason = _unsupported(query, key, is_causal, return_debug_mask)
+    reason = _unsupported(query, key, value, is_causal, return_debug_mask)
     if reason is not None:
         raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this call: {reason}; "
                            "call fused_attn.deactivate() to use torch's flash kernels")
@@ -80,7 +75,7 @@ def sdpa_flash_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.
                         philox_seed: torch.Tensor, philox_offset: torch.Tensor, *,
                         scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``aten::_scaled_dot_product_flash_attention_backward`` on fused_attn's kernels: dq, dk, dv."""
-    reason = _unsupported(query, key, is_causal)
+    reason = _unsupported(query, key, value, is_causal)
     if reason is not None:
         raise RuntimeError(f"fused_attn (activated as SDPA's flash backend) cannot run this backward: {reason}")
     scale = check_attention_inputs(query, key, value, scale)

@@ -17,13 +17,11 @@ dropout_p = 1) run torch's function after a one-time warning.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-from fused_attn._checks import MAX_HEAD_DIM
-from fused_attn._launch import device_fallback_reason, interpreting
+from fused_attn._checks import unsupported_reason
+from fused_attn._warnings import warn_once
 from fused_attn.api import attention
 
 _WARNED: set[str] = set()
@@ -34,13 +32,7 @@ def _fallback_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return "dropout_p=1"
     if query.dim() < 3:
         return f"{query.dim()}-D inputs"
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {query.dtype}"
-    if max(query.shape[-1], key.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
-        return f"a head dim over {MAX_HEAD_DIM}"
-    if not (query.is_cuda and not interpreting()) and not (query.device.type == "cpu" and interpreting()):
-        return f"{query.device.type} tensors (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-    return device_fallback_reason(query, max(query.shape[-1], value.shape[-1]))
+    return unsupported_reason(query, max(query.shape[-1], key.shape[-1]), value.shape[-1])
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -63,10 +55,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         raise ValueError("pass either attn_mask or is_causal=True, not both (as torch requires)")
     reason = _fallback_reason(query, key, value, dropout_p)
     if reason is not None:
-        if reason not in _WARNED:
-            _WARNED.add(reason)
-            warnings.warn(f"fused_attn.scaled_dot_product_attention: {reason}; these calls run torch's "
-                          "scaled_dot_product_attention instead (warned once per reason)", stacklevel=2)
+        warn_once(_WARNED, reason, f"fused_attn.scaled_dot_product_attention: {reason}; these calls run torch's "
+                  "scaled_dot_product_attention instead (warned once per reason)", stacklevel=2)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     seq_q, seq_k = query.shape[-2], key.shape[-2]

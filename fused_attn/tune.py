@@ -54,7 +54,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -62,6 +61,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import torch
 import triton
 
+from fused_attn._warnings import warn_once
 from fused_attn.kernels.configs import VARIANTS, KernelConfig
 
 FORMAT = 1
@@ -148,12 +148,6 @@ def reset() -> None:
         _DEVICE_INFO.clear()
 
 
-def _warn_once(key: object, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def _mode() -> str:
     global _MODE
     if _MODE is None:
@@ -165,8 +159,9 @@ def _mode() -> str:
         elif value in ("1", "true", "yes", "on"):
             _MODE = "tune"
         else:
-            _warn_once(("env", value), f"fused_attn: {ENV_TUNE}={value!r} is not one of 1/0 (on/off): "
-                                       "results files are loaded, nothing is timed")
+            warn_once(_WARNED, ("env", value), f"fused_attn: {ENV_TUNE}={value!r} is not one of 1/0 (on/off): "
+                      "results files are loaded, nothing is timed",
+                      category=RuntimeWarning, stacklevel=2)
             _MODE = "load"
     return _MODE
 
@@ -186,7 +181,8 @@ def _device_info(device: torch.device) -> DeviceInfo | None:
     try:
         return _cuda_device_info(device.index if device.index is not None else torch.cuda.current_device())
     except Exception as exc:  # e.g. a CPU-only torch: no results rather than a failed launch
-        _warn_once(("device", str(device)), f"fused_attn: cannot name {device} ({exc}); tuning results unused")
+        warn_once(_WARNED, ("device", str(device)), f"fused_attn: cannot name {device} ({exc}); tuning results unused",
+                  category=RuntimeWarning, stacklevel=2)
         return None
 
 
@@ -266,15 +262,17 @@ def _load_file(info: DeviceInfo) -> dict[TuneKey, KernelConfig | None]:
     try:
         data = read_results(path)
     except MalformedResults as exc:
-        _warn_once(("malformed", str(path)), f"fused_attn: ignoring the tuning results in {path}: {exc} "
-                                             "(delete it, or run `python -m fused_attn.tune --clear`)")
+        warn_once(_WARNED, ("malformed", str(path)), f"fused_attn: ignoring the tuning results in {path}: {exc} "
+                  "(delete it, or run `python -m fused_attn.tune --clear`)",
+                  category=RuntimeWarning, stacklevel=2)
         return {}
     if data is None:
         return {}
     if data["device"] != info.name or data["triton"] != triton.__version__:
-        _warn_once(("foreign", str(path)),
-                   f"fused_attn: ignoring the tuning results in {path}: they were timed on {data['device']!r} "
-                   f"with Triton {data['triton']}, this process runs {info.name!r} with Triton {triton.__version__}")
+        warn_once(_WARNED, ("foreign", str(path)),
+                  f"fused_attn: ignoring the tuning results in {path}: they were timed on {data['device']!r} "
+                  f"with Triton {data['triton']}, this process runs {info.name!r} with Triton {triton.__version__}",
+                  category=RuntimeWarning, stacklevel=2)
         return {}
     results: dict[TuneKey, KernelConfig | None] = {}
     for entry in data["entries"]:  # a later entry for a key replaces an earlier one
@@ -340,7 +338,8 @@ def _write_entry(info: DeviceInfo, entry: dict[str, Any]) -> Path | None:
                     os.unlink(tmp)
                 raise
     except OSError as exc:
-        _warn_once(("write", str(path)), f"fused_attn: cannot record tuning results in {path}: {exc}")
+        warn_once(_WARNED, ("write", str(path)), f"fused_attn: cannot record tuning results in {path}: {exc}",
+                  category=RuntimeWarning, stacklevel=2)
         return None
     return path
 
@@ -392,8 +391,9 @@ def _tune(key: TuneKey, device: torch.device, candidates: tuple[KernelConfig, ..
         best = min(finite, key=finite.__getitem__) if finite else None  # ties: the table's order
         results[key] = best
         if errors and best is not None:
-            _warn_once(("tune errors", device, key), f"fused_attn: while tuning {key}, some tiles failed and "
-                                                    f"were skipped: {'; '.join(errors)}")
+            warn_once(_WARNED, ("tune errors", device, key), f"fused_attn: while tuning {key}, some tiles failed and "
+                      f"were skipped: {'; '.join(errors)}",
+                      category=RuntimeWarning, stacklevel=2)
         path = None
         if best is not None:
             entry = {"kernel": key.kernel, "head_dim": key.head_dim, "dtype": key.dtype, "variant": key.variant,

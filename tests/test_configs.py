@@ -187,14 +187,14 @@ def test_check_device_refuses_bf16_on_turing(fake_gpu) -> None:
 
 def test_drop_in_wrappers_fall_back_for_what_the_card_cannot_compute(monkeypatch: pytest.MonkeyPatch) -> None:
     """sdpa, nn.MultiheadAttention, the SDPA-flash registry and Hugging Face hand bf16-on-Turing
-    calls to torch (their contract) instead of raising: each asks device_fallback_reason."""
-    from fused_attn import hf, nn, registry, sdpa
+    calls to torch (their contract) instead of raising: each asks _checks.unsupported_reason,
+    which asks device_fallback_reason."""
+    from fused_attn import _checks, hf, nn, registry, sdpa
 
-    for module in (sdpa, nn, registry, hf):
-        monkeypatch.setattr(module, "device_fallback_reason", lambda q, head_dim=0: "the card cannot")
+    monkeypatch.setattr(_checks, "device_fallback_reason", lambda q, head_dim=0: "the card cannot")
     q = torch.randn(1, 2, 4, 16)
     assert sdpa._fallback_reason(q, q, q, 0.0) == "the card cannot"
-    assert registry._unsupported(q, q, False) == "the card cannot"
+    assert registry._unsupported(q, q, q, False) == "the card cannot"
     mha = nn.MultiheadAttention(32, 2, batch_first=True)
     assert mha._why_not_fused(q, q, None, False, None, False) == "the card cannot"
     assert hf._fallback_reason(torch.nn.Module(), q, 0.0, False, {}) == "the card cannot"

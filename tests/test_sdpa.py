@@ -230,6 +230,6 @@ def test_a_value_head_dim_over_512_falls_back_to_torch(monkeypatch) -> None:
     q, k, v = torch.randn(1, 2, 5, 32, generator=gen), torch.randn(1, 2, 7, 32, generator=gen), \
         torch.randn(1, 2, 7, 600, generator=gen)
     monkeypatch.setattr(fused_attn.sdpa, "_WARNED", set())
-    with pytest.warns(UserWarning, match="a head dim over 512"):
+    with pytest.warns(UserWarning, match="a head dim of 600"):
         out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
