@@ -258,10 +258,10 @@ class Run:
         return found[0]
 
 
-def _variant(shape: Shape):
-    from fused_attn._launch import Variant
+def _params(shape: Shape):
+    from fused_attn._launch import AttentionParams
 
-    return Variant(scale=1.0 / math.sqrt(shape.head_dim), window_left=-1, window_right=0 if shape.causal else -1)
+    return AttentionParams(scale=1.0 / math.sqrt(shape.head_dim), window_left=-1, window_right=0 if shape.causal else -1)
 
 
 def forward_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, shape: Shape
@@ -270,9 +270,9 @@ def forward_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
     override_configs block around it applies to all three kernels)."""
     from fused_attn._launch import attention_backward, attention_forward
 
-    variant = _variant(shape)
-    o, lse = attention_forward(q, k, v, variant)
-    dq, dk, dv, _, _ = attention_backward(do, q, k, v, o, lse, variant)
+    params = _params(shape)
+    o, lse = attention_forward(q, k, v, params)
+    dq, dk, dv, _, _ = attention_backward(do, q, k, v, o, lse, params)
     return {"o": o, "dq": dq, "dk": dk, "dv": dv}
 
 
@@ -560,7 +560,7 @@ def _sweep_shape(shape: Shape, device: DeviceInfo, candidates: dict[str, tuple],
                     return forward_backward(q, k, v, do, shape)
                 from fused_attn._launch import attention_forward
 
-                return attention_forward(q, k, v, _variant(shape))
+                return attention_forward(q, k, v, _params(shape))
         return call
 
     for offset, mode in enumerate(("fwd", "fwd+bwd")):

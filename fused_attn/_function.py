@@ -18,7 +18,30 @@ from typing import Any
 
 import torch
 
-from fused_attn._launch import Variant, _empty_like_layout, _layout_strides, attention_backward, attention_forward
+from fused_attn._launch import (AttentionParams, _empty_like_layout, _layout_strides, attention_backward,
+                                attention_forward)
+
+# The ops' inputs after q, k, v, in schema order. torch.library takes flat typed inputs, so this
+# table is the one place the list is written: AttentionParams holds the same fields by name, and
+# `op_args` / `_params` convert between the two.
+OP_PARAMS: tuple[tuple[str, str], ...] = (
+    ("bias", "Tensor?"), ("alibi_slopes", "Tensor?"), ("cu_seqlens_q", "Tensor?"), ("cu_seqlens_k", "Tensor?"),
+    ("dropout_seed", "Tensor?"), ("sinks", "Tensor?"), ("scale", "float"), ("window_left", "SymInt"),
+    ("window_right", "SymInt"), ("softcap", "float"), ("dropout_p", "float"), ("max_seqlen_q", "SymInt"),
+    ("max_seqlen_k", "SymInt"),
+)
+_PARAMS_SCHEMA = ", ".join(f"{kind} {name}" for name, kind in OP_PARAMS)
+_TENSOR_PARAMS = sum(kind == "Tensor?" for _, kind in OP_PARAMS)  # leading: autograd saves them
+_BIAS, _SINKS = (next(i for i, (name, _) in enumerate(OP_PARAMS) if name == wanted) for wanted in ("bias", "sinks"))
+
+
+def op_args(params: AttentionParams) -> tuple[Any, ...]:
+    """The ops' inputs after q, k, v (and the backward's own), in schema order."""
+    return tuple(getattr(params, name) for name, _ in OP_PARAMS)
+
+
+def _params(args: tuple[Any, ...]) -> AttentionParams:
+    return AttentionParams(**{name: value for (name, _), value in zip(OP_PARAMS, args, strict=True)})
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -49,42 +72,21 @@ def _from_4d(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t[0].transpose(0, 1) if ref.dim() == 3 else t
 
 
-def _variant(bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-             cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float, window_left: int,
-             window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
-             sinks: torch.Tensor | None = None) -> Variant:
-    seed = int(dropout_seed.item()) if dropout_p > 0 and dropout_seed is not None else 0
-    # The kernels read the sinks as a dense float32 array; a parameter in another dtype is copied.
-    sinks = None if sinks is None else sinks.detach().to(torch.float32).contiguous()
-    return Variant(scale=scale, window_left=window_left, window_right=window_right, softcap=softcap, bias=bias,
-                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=seed, cu_seqlens_q=cu_seqlens_q,
-                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, sinks=sinks)
-
-
-@torch.library.custom_op("fused_attn::attention_forward", mutates_args=())
-def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                         alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-                         cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float,
-                         window_left: int, window_right: int, softcap: float, dropout_p: float,
-                         max_seqlen_q: int, max_seqlen_k: int, sinks: torch.Tensor | None = None
+@torch.library.custom_op("fused_attn::attention_forward", mutates_args=(),
+                         schema=f"(Tensor q, Tensor k, Tensor v, {_PARAMS_SCHEMA}) -> (Tensor, Tensor)")
+def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *params: Any
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32; for packed input (q (total_q, Hq, D)
-    with cu_seqlens) o (total_q, Hq, Dv) and lse (Hq, total_q). Causal is window_right = 0.
-    `dropout_seed` is an int64 scalar tensor (read only when dropout_p > 0). `sinks` (Hq,): one
-    attention-sink logit per query head, merged into the softmax denominator and so into the lse.
-    Inputs are validated by the caller."""
-    variant = _variant(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left,
-                       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, sinks)
-    o, lse = attention_forward(_as_4d(q), _as_4d(k), _as_4d(v), variant)
+    with cu_seqlens) o (total_q, Hq, Dv) and lse (Hq, total_q). `params`: `op_args(AttentionParams)`
+    (causal is window_right = 0; `dropout_seed` an int64 scalar tensor, read only when dropout_p > 0;
+    `sinks` (Hq,) merged into the softmax denominator and so into the lse). Inputs are validated
+    by the caller."""
+    o, lse = attention_forward(_as_4d(q), _as_4d(k), _as_4d(v), _params(params))
     return _in_layout_of(q, _from_4d(q, o)), lse
 
 
 @attention_forward_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-      alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-      dropout_seed: torch.Tensor | None, scale: float, window_left: int, window_right: int, softcap: float,
-      dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, sinks: torch.Tensor | None = None
-      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *params: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if q.dim() == 3:
         total_q, heads_q, _ = q.shape
         return q.new_empty((total_q, heads_q, v.shape[2])), q.new_empty((heads_q, total_q), dtype=torch.float32)
@@ -93,23 +95,20 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | No
     return o, q.new_empty((batch, heads_q, seq_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("fused_attn::attention_backward", mutates_args=())
-def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          o: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None,
-                          alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-                          cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None, scale: float,
-                          window_left: int, window_right: int, softcap: float, dropout_p: float,
-                          max_seqlen_q: int, max_seqlen_k: int, bias_grad: bool, dlse: torch.Tensor | None = None,
-                          sinks: torch.Tensor | None = None
+@torch.library.custom_op(
+    "fused_attn::attention_backward", mutates_args=(),
+    schema=f"(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool bias_grad, Tensor? dlse, "
+           f"{_PARAMS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, bias_grad: bool, dlse: torch.Tensor | None, *params: Any
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv with the shapes and dtypes of q, k, v, the float32 score gradient
     (B, Hq, Sq, Sk) when `bias_grad` (an empty tensor otherwise) and the float32 gradient of
-    `sinks` (Hq,) when given (an empty tensor otherwise), for the gradient `do` of o and, when
-    given, `dlse` of lse (lse's shape). Deterministic: no atomics."""
-    variant = _variant(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left,
-                       window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, sinks)
+    the sinks (Hq,) when there are sinks (an empty tensor otherwise), for the gradient `do` of o
+    and, when given, `dlse` of lse (lse's shape). `params` as in the forward. Deterministic: no
+    atomics."""
     dq, dk, dv, dbias, dsinks = attention_backward(_as_4d(do), _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o), lse,
-                                                   variant, bias_grad, dlse)
+                                                   _params(params), bias_grad, dlse)
     if dbias is None:
         dbias = q.new_empty((0,), dtype=torch.float32)
     if dsinks is None:
@@ -119,12 +118,10 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 
 @attention_backward_op.register_fake
-def _(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-      lse: torch.Tensor, bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
-      cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, dropout_seed: torch.Tensor | None,
-      scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float, max_seqlen_q: int,
-      max_seqlen_k: int, bias_grad: bool, dlse: torch.Tensor | None = None, sinks: torch.Tensor | None = None
+def _(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+      bias_grad: bool, dlse: torch.Tensor | None, *params: Any
       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    sinks = params[_SINKS]
     dsinks = q.new_empty((0,) if sinks is None else (sinks.shape[0],), dtype=torch.float32)
     if q.dim() == 3:
         grads = tuple(t.new_empty(t.shape) for t in (q, k, v))
@@ -135,46 +132,39 @@ def _(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: to
     return (*grads, q.new_empty(dbias_shape, dtype=torch.float32), dsinks)  # type: ignore[return-value]
 
 
-_TENSOR_INPUTS = 8  # q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed
-_SETTINGS = 7  # scale, window_left, window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k; then sinks
-
-
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed = inputs[:_TENSOR_INPUTS]
-    sinks = inputs[_TENSOR_INPUTS + _SETTINGS] if len(inputs) > _TENSOR_INPUTS + _SETTINGS else None
+    q, k, v, *params = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, sinks)
-    ctx.settings = inputs[_TENSOR_INPUTS:_TENSOR_INPUTS + _SETTINGS]
-    ctx.num_inputs = len(inputs)
+    # The tensor parameters lead the list: saved (O(S) memory with o and lse), the rest kept as is.
+    ctx.save_for_backward(q, k, v, o, lse, *params[:_TENSOR_PARAMS])
+    ctx.settings = tuple(params[_TENSOR_PARAMS:])
     # An unused lse then arrives as None, not as a tensor of zeros allocated for every backward.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: Any, do: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of q, k, v (and a float mask) from those of o and of lse: the lse is
-    differentiable (d lse / d score = p), which attention sinks and merging partial results over
+    """Gradients of q, k, v, a float mask (bias) and the sinks from those of o and of lse: the lse
+    is differentiable (d lse / d score = p), which attention sinks and merging partial results over
     key blocks need."""
-    q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, sinks = ctx.saved_tensors
-    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    q, k, v, o, lse, *tensor_params = ctx.saved_tensors
+    params = (*tensor_params, *ctx.settings)
+    bias, sinks = params[_BIAS], params[_SINKS]
+    bias_grad = bias is not None and ctx.needs_input_grad[3 + _BIAS]
     if do is None:  # only the lse was used
         do = torch.zeros_like(o)
-    dq, dk, dv, dbias, dsinks = attention_backward_op(do, q, k, v, o, lse, bias, alibi_slopes, cu_seqlens_q,
-                                                      cu_seqlens_k, dropout_seed, *ctx.settings, bias_grad, dlse,
-                                                      sinks)
-    grads: list[torch.Tensor | None] = [None] * ctx.num_inputs
-    grads[:4] = dq, dk, dv, dbias.to(bias.dtype) if bias_grad else None
-    if sinks is not None and ctx.needs_input_grad[_TENSOR_INPUTS + _SETTINGS]:
-        grads[_TENSOR_INPUTS + _SETTINGS] = dsinks.to(sinks.dtype)
-    return tuple(grads)
+    dq, dk, dv, dbias, dsinks = attention_backward_op(do, q, k, v, o, lse, bias_grad, dlse, *params)
+    param_grads: list[torch.Tensor | None] = [None] * len(OP_PARAMS)
+    if bias_grad:
+        param_grads[_BIAS] = dbias.to(bias.dtype)
+    if sinks is not None and ctx.needs_input_grad[3 + _SINKS]:
+        param_grads[_SINKS] = dsinks.to(sinks.dtype)
+    return (dq, dk, dv, *param_grads)
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, window: tuple[int, int] = (-1, -1),
-            bias: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0,
-            dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None, sinks: torch.Tensor | None = None
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward op for padded input with keywords (causal is window (-1, 0)): o, lse."""
-    return attention_forward_op(q, k, v, bias, alibi_slopes, None, None, dropout_seed, scale, window[0], window[1],
-                                softcap, dropout_p, 0, 0, sinks)
+    """The differentiable forward op: o, lse."""
+    return attention_forward_op(q, k, v, *op_args(params))

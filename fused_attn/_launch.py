@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import math
 import os
 import threading
@@ -202,10 +203,6 @@ def _ensure_tma_allocator() -> None:
 _WARNED: set[object] = set()
 
 
-def _variant_key(flags: dict[str, object]) -> str:
-    return _configs.variant_key(bool(flags["BIAS_KIND"]), bool(flags["HAS_DROPOUT"]))
-
-
 def _kernel_candidates(kernel: str, q: torch.Tensor, head_dim: int, head_dim_v: int, variant: str,
                        seq_q: int, seq_k: int, run: Callable[[KernelConfig], None] | None = None
                        ) -> tuple[KernelConfig, ...]:
@@ -320,29 +317,27 @@ def _grid(programs: int) -> tuple[int]:
     return (programs,)
 
 
-def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
-    # A dimension of size 1 is only ever indexed at 0: report stride 0 so an arbitrary stride
-    # there does not select a kernel specialization for unaligned strides.
-    return tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(3))  # type: ignore[return-value]
+def _strides(t: torch.Tensor, names: tuple[str, ...]) -> dict[str, int]:
+    """The kernels' stride arguments `names` for t's leading dimensions, by name. A dimension of
+    size 1 (or broadcast) is only ever indexed at 0: it gets stride 0, so an arbitrary stride there
+    does not select a kernel specialization for unaligned strides."""
+    return {name: t.stride(i) if t.shape[i] > 1 else 0 for i, name in enumerate(names)}
 
 
-def _bias_args(bias: torch.Tensor | None, q: torch.Tensor) -> tuple[tuple[object, ...], int]:
-    """(pointer, 4 strides) for the kernels' BIAS argument, and BIAS_KIND: 0 none, 1 float
-    added to the scores, 2 bool (True attends). A broadcast dimension has stride 0."""
-    if bias is None:
-        return (q, 0, 0, 0, 0), 0
-    strides = tuple(bias.stride(i) if bias.shape[i] > 1 else 0 for i in range(4))
-    return (bias, *strides), 2 if bias.dtype == torch.bool else 1
+def _bhs_strides(t: torch.Tensor, name: str, rows: str) -> dict[str, int]:
+    """stride_{name}b, stride_{name}h, stride_{name}{rows} of a (B, H, S, D) tensor."""
+    return _strides(t, (f"stride_{name}b", f"stride_{name}h", f"stride_{name}{rows}"))
 
 
 @dataclass(frozen=True)
-class Variant:
-    """Everything about a call besides q, k, v: validated by fused_attn._checks before it gets here.
+class AttentionParams:
+    """Everything about an attention call besides q, k, v (validated by fused_attn._checks before
+    it gets here): what the custom ops take, by name (`_function.op_args` flattens it).
 
     window_left / window_right: -1 is unbounded; causal is window_right = 0 (merged in by the caller).
-    softcap: 0 is off. dropout_p: 0 is off, and then dropout_seed is unused.
+    softcap: 0 is off. dropout_p: 0 is off; dropout_seed is then unused, else an int64 scalar tensor.
     cu_seqlens_q / cu_seqlens_k: int32 (num_seqs + 1,) for packed input, with max_seqlen_q / _k.
-    sinks: float32 (Hq,) contiguous, one attention-sink logit per query head, or None.
+    sinks: (Hq,), one attention-sink logit per query head, or None.
     """
 
     scale: float
@@ -352,7 +347,7 @@ class Variant:
     bias: torch.Tensor | None = None
     alibi_slopes: torch.Tensor | None = None
     dropout_p: float = 0.0
-    dropout_seed: int = 0
+    dropout_seed: torch.Tensor | None = None
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
@@ -363,6 +358,11 @@ class Variant:
     def is_varlen(self) -> bool:
         return self.cu_seqlens_q is not None
 
+    @property
+    def kernel_sinks(self) -> torch.Tensor | None:
+        """The sinks as the kernels read them: a dense float32 array."""
+        return None if self.sinks is None else self.sinks.detach().to(torch.float32).contiguous()
+
 
 def _window_bound(size: int, seq_q: int, seq_k: int) -> int:
     """A window side as the kernels take it: -1 when it cannot exclude any key (no band edge to
@@ -370,93 +370,144 @@ def _window_bound(size: int, seq_q: int, seq_k: int) -> int:
     return -1 if size < 0 or size >= seq_q + seq_k else size
 
 
-def _variant_args(variant: Variant, q: torch.Tensor, stride_lse: tuple[int, int], seq_q: int, seq_k: int
-                  ) -> tuple[tuple[tuple[object, ...], tuple[object, ...]], dict[str, object]]:
-    """The kernels' arguments from LSE's strides up to CU_SEQLENS_K and from window_left up to
-    dropout_seed, and the variant constexprs. `q` stands in for absent pointers (never read).
-    seq_q, seq_k: the (longest) lengths, which bound the window sizes that matter."""
-    window_left = _window_bound(variant.window_left, seq_q, seq_k)
-    window_right = _window_bound(variant.window_right, seq_q, seq_k)
-    bias_args, bias_kind = _bias_args(variant.bias, q)
+# The constexprs that select a score variant: launch specializations are keyed by them.
+_SCORE_FLAGS = ("LIMIT_LEFT", "LIMIT_RIGHT", "BIAS_KIND", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN")
+
+
+def _score_arguments(params: AttentionParams, q: torch.Tensor, seq_q: int, seq_k: int) -> dict[str, object]:
+    """Every kernel argument that describes how scores are formed (mask, ALiBi, softcap, window,
+    dropout, packing), by the kernels' parameter names, with the constexpr flags that go with
+    them; each kernel takes the ones it names (`_run_kernel`). `q` stands in for absent pointers
+    (never read: their flag is off). seq_q, seq_k: the (longest) lengths, which bound the window
+    sizes that matter. BIAS_KIND: 0 none, 1 float added to the scores, 2 bool (True attends)."""
+    window_left = _window_bound(params.window_left, seq_q, seq_k)
+    window_right = _window_bound(params.window_right, seq_q, seq_k)
+    bias = params.bias
     # The kernels read slopes and boundaries through raw pointers as dense arrays: make them so.
-    slopes = None if variant.alibi_slopes is None else variant.alibi_slopes.contiguous()
-    alibi_args = (q, 0) if slopes is None else (slopes, slopes.stride(0) if slopes.dim() == 2 else 0)
-    cu_q = variant.cu_seqlens_q.contiguous() if variant.is_varlen else q
-    cu_k = variant.cu_seqlens_k.contiguous() if variant.is_varlen else q
-    softcap = variant.softcap
-    args = (*stride_lse, *bias_args, *alibi_args, cu_q, cu_k)
-    tail = (window_left, window_right,
-            variant.scale / softcap if softcap > 0 else 0.0, softcap * math.log2(math.e),
-            variant.dropout_p, variant.dropout_seed)
-    flags = {"LIMIT_LEFT": window_left >= 0, "LIMIT_RIGHT": window_right >= 0,
-             "BIAS_KIND": bias_kind, "HAS_ALIBI": slopes is not None, "HAS_SOFTCAP": softcap > 0,
-             "HAS_DROPOUT": variant.dropout_p > 0, "IS_VARLEN": variant.is_varlen}
-    return (args, tail), flags
+    slopes = None if params.alibi_slopes is None else params.alibi_slopes.contiguous()
+    softcap = params.softcap
+    dropout = params.dropout_p > 0
+    return {
+        "BIAS": q if bias is None else bias,
+        **({name: 0 for name in _BIAS_STRIDES} if bias is None else _strides(bias, _BIAS_STRIDES)),
+        "ALIBI": q if slopes is None else slopes,
+        "stride_alibi_b": slopes.stride(0) if slopes is not None and slopes.dim() == 2 else 0,
+        "CU_SEQLENS_Q": params.cu_seqlens_q.contiguous() if params.is_varlen else q,
+        "CU_SEQLENS_K": params.cu_seqlens_k.contiguous() if params.is_varlen else q,
+        "window_left": window_left, "window_right": window_right,
+        "softcap_in": params.scale / softcap if softcap > 0 else 0.0,
+        "softcap_out_log2": softcap * math.log2(math.e),
+        "dropout_p": params.dropout_p,
+        "dropout_seed": int(params.dropout_seed.item()) if dropout and params.dropout_seed is not None else 0,
+        "LIMIT_LEFT": window_left >= 0, "LIMIT_RIGHT": window_right >= 0,
+        "BIAS_KIND": 0 if bias is None else 2 if bias.dtype == torch.bool else 1,
+        "HAS_ALIBI": slopes is not None, "HAS_SOFTCAP": softcap > 0, "HAS_DROPOUT": dropout,
+        "IS_VARLEN": params.is_varlen,
+    }
 
 
-def _problem(q: torch.Tensor, k: torch.Tensor, variant: Variant) -> tuple[int, int, int]:
+_BIAS_STRIDES = ("stride_bias_b", "stride_bias_h", "stride_bias_m", "stride_bias_n")
+
+
+def _score_flags(arguments: dict[str, object]) -> tuple[tuple[str, object], ...]:
+    return tuple((name, arguments[name]) for name in _SCORE_FLAGS)
+
+
+def _variant_key(arguments: dict[str, object]) -> str:
+    return _configs.variant_key(bool(arguments["BIAS_KIND"]), bool(arguments["HAS_DROPOUT"]))
+
+
+def _run_kernel(kernel: JITFunction, programs: int, shared: dict[str, object], cfg: KernelConfig | None = None,
+            **arguments: object) -> None:
+    """kernel[grid](...) by keyword: `arguments`, the entries of `shared` (score arguments and
+    flags common to several kernels) that this kernel names, and cfg's launch options."""
+    names = _parameter_names(kernel)
+    unknown = set(arguments) - names
+    assert not unknown, f"{kernel.__name__} has no parameter(s) {sorted(unknown)}"
+    options = {} if cfg is None else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    kernel[_grid(programs)](**{name: value for name, value in shared.items() if name in names}, **arguments,
+                            **options)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_names(kernel: JITFunction) -> frozenset[str]:
+    fn = getattr(kernel, "fn", kernel)  # the interpreter's wrapper keeps the Python function as .fn
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _problem(q: torch.Tensor, k: torch.Tensor, params: AttentionParams) -> tuple[int, int, int]:
     """(sequences, longest query length, longest key length): what the grid is sized by."""
-    if variant.is_varlen:
-        return variant.cu_seqlens_q.shape[0] - 1, variant.max_seqlen_q, variant.max_seqlen_k
+    if params.is_varlen:
+        return params.cu_seqlens_q.shape[0] - 1, params.max_seqlen_q, params.max_seqlen_k
     return q.shape[0], q.shape[2], k.shape[2]
 
 
-def _lse_strides(q: torch.Tensor, variant: Variant) -> tuple[int, int]:
+def _lse_strides(q: torch.Tensor, params: AttentionParams) -> dict[str, int]:
     """lse is (B, Hq, Sq) for padded input and (Hq, total_q) for packed input, as in FlashAttention-2."""
     heads_q, seq_q = q.shape[1], q.shape[2]
-    return (0, seq_q) if variant.is_varlen else (heads_q * seq_q, seq_q)
+    return {"stride_lse_b": 0 if params.is_varlen else heads_q * seq_q, "stride_lse_h": seq_q}
+
+
+def _block_key(dims: dict[str, object]) -> tuple[object, ...]:
+    """What of the head dims changes the resources a tile needs: the blocks and their masks."""
+    return tuple(dims.get(name) for name in ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV"))
+
+
+def _head_dims(q: torch.Tensor, v: torch.Tensor | None = None) -> dict[str, object]:
+    """head_dim(_v), their power-of-two blocks and whether the blocks are exact, by name."""
+    dims: dict[str, object] = {"head_dim": q.shape[3], "BLOCK_D": _padded(q.shape[3]),
+                               "EVEN_D": _padded(q.shape[3]) == q.shape[3]}
+    if v is not None:
+        dims.update(head_dim_v=v.shape[3], BLOCK_DV=_padded(v.shape[3]), EVEN_DV=_padded(v.shape[3]) == v.shape[3])
+    return dims
 
 
 @_serialized_when_interpreting
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32, natural log.
 
     Packed input arrives as (1, H, total, D) views of (total, H, D) tensors; lse is then (Hq, total_q)."""
     _, heads_q, seq_q, _ = q.shape
     heads_kv, head_dim_v_out = k.shape[1], v.shape[3]
-    batch, max_q, max_k = _problem(q, k, variant)
-    lse_shape = (heads_q, seq_q) if variant.is_varlen else (q.shape[0], heads_q, seq_q)
+    batch, max_q, max_k = _problem(q, k, params)
+    lse_shape = (heads_q, seq_q) if params.is_varlen else (q.shape[0], heads_q, seq_q)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    sinks = params.kernel_sinks
     if batch * heads_q * max_q == 0 or max_k == 0:
         o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, head_dim_v_out), q.dtype)
         lse.fill_(-math.inf)  # no key at all: every row attends to nothing (or only to its sink)
-        if variant.sinks is not None:
-            lse.copy_(variant.sinks.view(-1, 1) if variant.is_varlen else variant.sinks.view(1, -1, 1).expand_as(lse))
+        if sinks is not None:
+            lse.copy_(sinks.view(-1, 1) if params.is_varlen else sinks.view(1, -1, 1).expand_as(lse))
         return o.zero_(), lse
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    head_dim, head_dim_v = q.shape[3], v.shape[3]
-    o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, head_dim_v), q.dtype)
-    block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
-    (args, tail), flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
-    tma = use_tma(q, "forward", max(head_dim, head_dim_v), _variant_key(flags))
+    o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, v.shape[3]), q.dtype)
+    scores = _score_arguments(params, q, max_q, max_k)
+    dims = _head_dims(q, v)
+    key = _variant_key(scores)
+    tma = use_tma(q, "forward", max(q.shape[3], v.shape[3]), key)
     if tma and q.is_cuda:
         _ensure_tma_allocator()
 
-    sinks = variant.sinks
-    flags["HAS_SINKS"] = sinks is not None  # the forward's epilogue only: the backward reads the merged lse
-
     def launch(cfg: KernelConfig) -> None:
-        _kernels._attn_fwd[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
-            q, k, v, o, lse, sinks if sinks is not None else lse,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *args,
-            heads_q, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, variant.scale * math.log2(math.e),
-            *tail,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **flags, SCALE_POSITIVE=variant.scale > 0,
-            USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
-        )
+        _run_kernel(_kernels._attn_fwd, triton.cdiv(max_q, cfg.block_m) * batch * heads_q, scores, cfg,
+                Q=q, K=k, V=v, O=o, LSE=lse, SINKS=lse if sinks is None else sinks,
+                **_bhs_strides(q, "q", "m"), **_bhs_strides(k, "k", "n"), **_bhs_strides(v, "v", "n"),
+                **_bhs_strides(o, "o", "m"), **_lse_strides(q, params),
+                num_heads_q=heads_q, group_size=heads_q // heads_kv, seq_q=max_q, seq_k=max_k,
+                qk_scale_log2=params.scale * math.log2(math.e), **dims, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                SCALE_POSITIVE=params.scale > 0, USE_TMA=tma, HAS_SINKS=sinks is not None, **_kernel_flags(q))
 
-    specialization = (block_d, block_dv, block_d == head_dim, block_dv == head_dim_v, tma,
-                      tuple(sorted(flags.items())))
-    _launch_tiled("forward", _kernel_candidates("forward", q, head_dim, head_dim_v, _variant_key(flags),
-                                                max_q, max_k, launch), q, launch, specialization)
+    # The sinks change only the forward's epilogue: the backward reads the merged lse.
+    specialization = (*_block_key(dims), tma, sinks is not None, _score_flags(scores))
+    _launch_tiled("forward", _kernel_candidates("forward", q, q.shape[3], v.shape[3], key, max_q, max_k, launch),
+                  q, launch, specialization)
     return o[..., :head_dim_v_out], lse
 
 
 @_serialized_when_interpreting
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       o: torch.Tensor, lse: torch.Tensor, variant: Variant, bias_grad: bool = False,
+                       o: torch.Tensor, lse: torch.Tensor, params: AttentionParams, bias_grad: bool = False,
                        dlse: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """dq, dk, dv with the shapes, dtypes and layouts of q, k, v, with `bias_grad` the float32
@@ -469,71 +520,60 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     = -p_sink * delta per row, summed here over batch and rows."""
     _, heads_q, seq_q, head_dim_out = q.shape
     heads_kv, seq_k, head_dim_v_out = k.shape[1], k.shape[2], v.shape[3]
-    batch, max_q, max_k = _problem(q, k, variant)
+    batch, max_q, max_k = _problem(q, k, params)
+    sinks = params.kernel_sinks
     dbias = torch.zeros((batch, heads_q, seq_q, seq_k), dtype=torch.float32, device=q.device) if bias_grad else None
     if batch * heads_q * max_q == 0 or max_k == 0:
         # No key: a sink-only row has lse = sink and o = 0, so only dlse reaches the sink.
-        dsinks = None if variant.sinks is None else _sink_grad(variant.sinks, lse, -dlse if dlse is not None else None,
-                                                               variant.is_varlen)
+        dsinks = None if sinks is None else _sink_grad(sinks, lse, -dlse if dlse is not None else None,
+                                                       params.is_varlen)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, dsinks
     if do.stride(-1) != 1:
         do = do.contiguous()
     q, k, v, o, do = _aligned(q), _aligned(k), _aligned(v), _aligned(o), _aligned(do)
-    head_dim, head_dim_v = q.shape[3], v.shape[3]
     dq = _empty_like_layout(q, tuple(q.shape), q.dtype)
     dk = _empty_like_layout(k, tuple(k.shape), k.dtype)
     dv = _empty_like_layout(v, tuple(v.shape), v.dtype)
-    block_d, block_dv = _padded(head_dim), _padded(head_dim_v)
-    flags = _kernel_flags(q)
-    qk_scale_log2 = variant.scale * math.log2(math.e)
+    dims = _head_dims(q, v)
 
     # delta and lse_log2 have lse's layout: (B, Hq, Sq), or (Hq, total_q) for packed input (then q.shape[0] is 1).
     lse = lse.contiguous()
     delta, lse_log2 = torch.empty_like(lse), torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    pre_block = preprocess_block_m(block_dv, q.element_size())
-    _kernels._attn_bwd_preprocess[_grid(triton.cdiv(seq_q, pre_block) * q.shape[0] * heads_q)](
-        o, do, lse, dlse if dlse is not None else lse, delta, lse_log2, *_strides3(o), *_strides3(do),
-        heads_q, seq_q, head_dim_v, BLOCK_M=pre_block, BLOCK_DV=block_dv, HAS_DLSE=dlse is not None,
-    )
-    dsinks = None if variant.sinks is None else _sink_grad(variant.sinks, lse, delta, variant.is_varlen)
+    pre_block = preprocess_block_m(dims["BLOCK_DV"], q.element_size())
+    _run_kernel(_kernels._attn_bwd_preprocess, triton.cdiv(seq_q, pre_block) * q.shape[0] * heads_q, {},
+            O=o, DO=do, LSE=lse, DLSE=lse if dlse is None else dlse, DELTA=delta, LSE_LOG2=lse_log2,
+            **_bhs_strides(o, "o", "m"), **_bhs_strides(do, "do", "m"), num_heads_q=heads_q, seq_q=seq_q,
+            head_dim_v=v.shape[3], BLOCK_M=pre_block, BLOCK_DV=dims["BLOCK_DV"], HAS_DLSE=dlse is not None)
+    dsinks = None if sinks is None else _sink_grad(sinks, lse, delta, params.is_varlen)
 
-    (args, tail), variant_flags = _variant_args(variant, q, _lse_strides(q, variant), max_q, max_k)
-    key = _variant_key(variant_flags)
-    tma_dkdv, tma_dq = (use_tma(q, kernel, max(head_dim, head_dim_v), key)
+    scores = _score_arguments(params, q, max_q, max_k)
+    key = _variant_key(scores)
+    tma_dkdv, tma_dq = (use_tma(q, kernel, max(q.shape[3], v.shape[3]), key)
                         for kernel in ("backward_dkdv", "backward_dq"))
     if (tma_dkdv or tma_dq) and q.is_cuda:
         _ensure_tma_allocator()
+    common = dict(Q=q, K=k, V=v, DO=do, LSE_LOG2=lse_log2, DELTA=delta, **_bhs_strides(q, "q", "m"),
+                  **_bhs_strides(k, "k", "n"), **_bhs_strides(v, "v", "n"), **_bhs_strides(do, "do", "m"),
+                  **_lse_strides(q, params), num_heads_q=heads_q, group_size=heads_q // heads_kv, seq_q=max_q,
+                  seq_k=max_k, qk_scale_log2=params.scale * math.log2(math.e), scale=params.scale, **dims,
+                  **_kernel_flags(q))
 
     def launch_dkdv(cfg: KernelConfig) -> None:
-        _kernels._attn_bwd_dkdv[_grid(triton.cdiv(max_k, cfg.block_n) * batch * heads_kv)](
-            q, k, v, do, lse_log2, delta, dk, dv,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-            *args[:7], dbias if dbias is not None else lse, *args[7:],
-            heads_q, heads_kv, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, qk_scale_log2, variant.scale,
-            *tail,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, STORE_DBIAS=dbias is not None,
-            **variant_flags, USE_TMA=tma_dkdv, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-        )
+        _run_kernel(_kernels._attn_bwd_dkdv, triton.cdiv(max_k, cfg.block_n) * batch * heads_kv, {**scores, **common},
+                cfg, DK=dk, DV=dv, **_bhs_strides(dk, "dk", "n"), **_bhs_strides(dv, "dv", "n"),
+                DBIAS=lse if dbias is None else dbias, STORE_DBIAS=dbias is not None, num_heads_kv=heads_kv,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma_dkdv)
 
     def launch_dq(cfg: KernelConfig) -> None:
-        _kernels._attn_bwd_dq[_grid(triton.cdiv(max_q, cfg.block_m) * batch * heads_q)](
-            q, k, v, do, lse_log2, delta, dq,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), *args,
-            heads_q, heads_q // heads_kv, max_q, max_k, head_dim, head_dim_v, qk_scale_log2, variant.scale,
-            *tail,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v, **variant_flags,
-            USE_TMA=tma_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-        )
+        _run_kernel(_kernels._attn_bwd_dq, triton.cdiv(max_q, cfg.block_m) * batch * heads_q, {**scores, **common}, cfg,
+                DQ=dq, **_bhs_strides(dq, "dq", "m"), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma_dq)
 
-    specialization = (block_d, block_dv, block_d == head_dim, block_dv == head_dim_v, dbias is not None,
-                      tuple(sorted(variant_flags.items())))
+    specialization = (*_block_key(dims), dbias is not None, _score_flags(scores))
     for kernel, launch, tma in (("backward_dkdv", launch_dkdv, tma_dkdv), ("backward_dq", launch_dq, tma_dq)):
-        _launch_tiled(kernel, _kernel_candidates(kernel, q, head_dim, head_dim_v, key, max_q, max_k, launch), q, launch,
-                      (*specialization, tma))
+        candidates = _kernel_candidates(kernel, q, q.shape[3], v.shape[3], key, max_q, max_k, launch)
+        _launch_tiled(kernel, candidates, q, launch, (*specialization, tma))
     return dq[..., :head_dim_out], dk[..., :head_dim_out], dv[..., :head_dim_v_out], dbias, dsinks
 
 
@@ -560,14 +600,21 @@ def dropout_mask(batch: int, heads: int, seq_q: int, seq_k: int, dropout_p: floa
         return mask.bool()
     block_m, block_n = 32, 64
     programs = triton.cdiv(seq_q, block_m) * triton.cdiv(seq_k, block_n) * batch * heads
-    _kernels._dropout_mask[_grid(programs)](mask, heads, seq_q, seq_k, dropout_p, seed,
-                                             BLOCK_M=block_m, BLOCK_N=block_n)
+    _run_kernel(_kernels._dropout_mask, programs, {}, MASK=mask, num_heads=heads, seq_q=seq_q, seq_k=seq_k,
+            dropout_p=dropout_p, dropout_seed=seed, BLOCK_M=block_m, BLOCK_N=block_n)
     return mask.bool()
+
+
+def _inspection_scores(params: AttentionParams, q: torch.Tensor, seq_q: int, seq_k: int) -> dict[str, object]:
+    """The score arguments of the inspection kernels, which take no dropout and no packed input."""
+    if params.dropout_p > 0 or params.is_varlen:
+        raise ValueError("the inspection kernels take neither dropout nor packed input")
+    return _score_arguments(params, q, seq_q, seq_k)
 
 
 @_serialized_when_interpreting
 def attention_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor,
-                    variant: Variant) -> torch.Tensor:
+                    params: AttentionParams) -> torch.Tensor:
     """float32 (B, len(heads), len(rows), Sk): exp(score - lse) of the chosen query rows and heads.
     rows, heads: int32 index tensors on q's device."""
     batch, heads_q, seq_q, _ = q.shape
@@ -576,22 +623,20 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: t
     if probs.numel() == 0:
         return probs
     q, k = _aligned(q), _aligned(k)
-    head_dim = q.shape[3]
-    block_m, block_n, block_d = 32, 64, _padded(head_dim)
-    (args, tail), flags = _variant_args(variant, q, (0, 0), seq_q, seq_k)
+    block_m, block_n = 32, 64
     programs = triton.cdiv(rows.shape[0], block_m) * triton.cdiv(seq_k, block_n) * batch * heads.shape[0]
-    _kernels._attn_probs[_grid(programs)](
-        q, k, lse, probs, rows, heads, *_strides3(q), *_strides3(k), heads_q * seq_q, seq_q,
-        *probs.stride()[:3], *args[2:9],
-        heads.shape[0], rows.shape[0], heads_q // heads_kv, seq_q, seq_k, head_dim, variant.scale * math.log2(math.e),
-        *tail[:4], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-        **{name: flags[name] for name in ("LIMIT_LEFT", "LIMIT_RIGHT", "BIAS_KIND", "HAS_ALIBI", "HAS_SOFTCAP")},
-        **_kernel_flags(q))
+    _run_kernel(_kernels._attn_probs, programs, _inspection_scores(params, q, seq_q, seq_k),
+            Q=q, K=k, LSE=lse, P=probs, ROWS=rows, HEADS=heads, **_bhs_strides(q, "q", "m"),
+            **_bhs_strides(k, "k", "n"), stride_lse_b=heads_q * seq_q, stride_lse_h=seq_q,
+            **_strides(probs, ("stride_pb", "stride_ph", "stride_pm")), num_heads_sel=heads.shape[0],
+            num_rows=rows.shape[0], group_size=heads_q // heads_kv, seq_q=seq_q, seq_k=seq_k,
+            qk_scale_log2=params.scale * math.log2(math.e), **_head_dims(q), BLOCK_M=block_m, BLOCK_N=block_n,
+            **_kernel_flags(q))
     return probs
 
 
 @_serialized_when_interpreting
-def attention_stats(q: torch.Tensor, k: torch.Tensor, variant: Variant
+def attention_stats(q: torch.Tensor, k: torch.Tensor, params: AttentionParams
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse, entropy, max_prob) float32 (B, Hq, Sq) and received float32 (B, Hq, Sk), O(S) memory."""
     batch, heads_q, seq_q, _ = q.shape
@@ -602,28 +647,25 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, variant: Variant
     if batch * heads_q * seq_q == 0 or seq_k == 0:  # no query or no key: nothing attends
         return lse.fill_(-math.inf), entropy.zero_(), max_prob.zero_(), received.zero_()
     q, k = _aligned(q), _aligned(k)
-    head_dim = q.shape[3]
-    block_d = _padded(head_dim)
-    (args, tail), flags = _variant_args(variant, q, (0, 0), seq_q, seq_k)
-    key = _variant_key(flags)
-    flags = {name: flags[name] for name in ("LIMIT_LEFT", "LIMIT_RIGHT", "BIAS_KIND", "HAS_ALIBI", "HAS_SOFTCAP")}
-    common = (*_strides3(q), *_strides3(k), *args[2:9], heads_q, heads_q // heads_kv, seq_q, seq_k, head_dim,
-              variant.scale * math.log2(math.e), *tail[:4])
+    scores = _inspection_scores(params, q, seq_q, seq_k)
+    dims = _head_dims(q)
+    common = dict(Q=q, K=k, LSE=lse, **_bhs_strides(q, "q", "m"), **_bhs_strides(k, "k", "n"), num_heads_q=heads_q,
+                  group_size=heads_q // heads_kv, seq_q=seq_q, seq_k=seq_k,
+                  qk_scale_log2=params.scale * math.log2(math.e), **dims, **_kernel_flags(q))
 
     # The forward's and dQ's tiles: the same score tile shapes, without v and its accumulator.
     def launch_rows(cfg: KernelConfig) -> None:
-        _kernels._attn_row_stats[_grid(triton.cdiv(seq_q, cfg.block_m) * batch * heads_q)](
-            q, k, lse, entropy, max_prob, *common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-            EVEN_D=block_d == head_dim, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q))
+        _run_kernel(_kernels._attn_row_stats, triton.cdiv(seq_q, cfg.block_m) * batch * heads_q, {**scores, **common},
+                cfg, ENTROPY=entropy, MAX_PROB=max_prob, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
 
     def launch_cols(cfg: KernelConfig) -> None:
-        _kernels._attn_col_sums[_grid(triton.cdiv(seq_k, cfg.block_n) * batch * heads_q)](
-            q, k, lse, received, *common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-            EVEN_D=block_d == head_dim, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q))
+        _run_kernel(_kernels._attn_col_sums, triton.cdiv(seq_k, cfg.block_n) * batch * heads_q, {**scores, **common},
+                cfg, RECEIVED=received, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
 
     # Table tiles only (no tuning: these kernels are not what the tuner times).
-    specialization = (block_d, block_d == head_dim, tuple(sorted(flags.items())))
+    key = _variant_key(scores)
+    specialization = (*_block_key(dims), _score_flags(scores))
     for name, kernel, launch in (("row_stats", "forward", launch_rows), ("col_sums", "backward_dq", launch_cols)):
-        _launch_tiled(name, _kernel_candidates(kernel, q, head_dim, head_dim, key, seq_q, seq_k), q, launch,
+        _launch_tiled(name, _kernel_candidates(kernel, q, q.shape[3], q.shape[3], key, seq_q, seq_k), q, launch,
                       specialization)
     return lse, entropy, max_prob, received

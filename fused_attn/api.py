@@ -7,8 +7,8 @@ import torch
 from fused_attn import _launch
 from fused_attn._checks import (check_alibi_slopes, check_attention_inputs, check_attn_mask, check_dropout,
                                 check_flag, check_sinks, check_softcap, check_varlen, check_window)
-from fused_attn._function import attention_forward_op
-from fused_attn._launch import check_device
+from fused_attn._function import forward
+from fused_attn._launch import AttentionParams, check_device
 
 
 def dropout_seed(generator: torch.Generator | None = None) -> torch.Tensor:
@@ -141,8 +141,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     dropout_p = check_dropout(dropout_p)
     sinks = check_sinks(sinks, q.shape[1], q.device)
     check_device(q, max(q.shape[-1], v.shape[-1]))
-    o, lse = attention_forward_op(q, k, v, bias, slopes, None, None, _seed_for(dropout_p, generator), scale,
-                                  window_left, window_right, softcap, dropout_p, 0, 0, sinks)
+    params = AttentionParams(scale=scale, window_left=window_left, window_right=window_right, softcap=softcap,
+                             bias=bias, alibi_slopes=slopes, dropout_p=dropout_p,
+                             dropout_seed=_seed_for(dropout_p, generator), sinks=sinks)
+    o, lse = forward(q, k, v, params)
     return (o, lse) if return_lse else o
 
 
@@ -181,7 +183,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     dropout_p = check_dropout(dropout_p)
     sinks = check_sinks(sinks, q.shape[1], q.device)
     check_device(q, max(q.shape[-1], v.shape[-1]))
-    o, lse = attention_forward_op(q, k, v, None, slopes, cu_seqlens_q, cu_seqlens_k,
-                                  _seed_for(dropout_p, generator), scale, window_left, window_right, softcap,
-                                  dropout_p, max_seqlen_q, max_seqlen_k, sinks)
+    params = AttentionParams(scale=scale, window_left=window_left, window_right=window_right, softcap=softcap,
+                             alibi_slopes=slopes, dropout_p=dropout_p, dropout_seed=_seed_for(dropout_p, generator),
+                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                             max_seqlen_k=max_seqlen_k, sinks=sinks)
+    o, lse = forward(q, k, v, params)
     return (o, lse) if return_lse else o

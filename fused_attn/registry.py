@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from fused_attn._checks import check_attention_inputs, check_dropout, unsupported_reason
-from fused_attn._function import attention_backward_op, forward
+from fused_attn._function import attention_backward_op, forward, op_args
+from fused_attn._launch import AttentionParams
 from fused_attn.api import dropout_seed
 
 IMPL_NAME = "fused_attn"
@@ -57,8 +58,8 @@ def sdpa_flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     scale = check_attention_inputs(query, key, value, scale)
     dropout_p = check_dropout(dropout_p)
     seed = dropout_seed() if dropout_p > 0 else None
-    out, lse = forward(query, key, value, scale, window=(-1, 0 if is_causal else -1), dropout_p=dropout_p,
-                       dropout_seed=seed)
+    out, lse = forward(query, key, value, AttentionParams(scale=scale, window_right=0 if is_causal else -1,
+                                                          dropout_p=dropout_p, dropout_seed=seed))
     # torch's contract: a uint64 (2,) philox (seed, offset); the kernels' RNG needs only the seed.
     if seed is None:
         rng_state = torch.zeros((2,), dtype=torch.uint64, device=query.device)
@@ -83,8 +84,9 @@ def sdpa_flash_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.
     seed = None
     if dropout_p > 0:  # the forward's seed, from its rng_state; the ops take an int64 CPU scalar
         seed = philox_seed[0].cpu().to(torch.int64)
-    dq, dk, dv, _, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp, None, None, None, None,
-                                             seed, scale, -1, 0 if is_causal else -1, 0.0, dropout_p, 0, 0, False)
+    params = AttentionParams(scale=scale, window_right=0 if is_causal else -1, dropout_p=dropout_p, dropout_seed=seed)
+    dq, dk, dv, _, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp, False, None,
+                                             *op_args(params))
     return _like(query, dq), _like(key, dk), _like(value, dv)
 
 

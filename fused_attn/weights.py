@@ -31,8 +31,8 @@ class AttentionStats:
     received: torch.Tensor
 
 
-def _variant(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None, window: tuple[int, int] | None,
-             alibi_slopes: torch.Tensor | None, softcap: float, attn_mask: torch.Tensor | None) -> _launch.Variant:
+def _params(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None, window: tuple[int, int] | None,
+             alibi_slopes: torch.Tensor | None, softcap: float, attn_mask: torch.Tensor | None) -> _launch.AttentionParams:
     check_flag("causal", causal)
     # v is not needed: k stands in so the shared checks see a full (q, k, v) triple.
     scale = check_attention_inputs(q, k, k, scale)
@@ -40,8 +40,8 @@ def _variant(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None
     window_left, window_right = check_window(window, causal)
     slopes = check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1], q.device)
     check_device(q)
-    return _launch.Variant(scale=scale, window_left=window_left, window_right=window_right,
-                           softcap=check_softcap(softcap, scale), bias=bias, alibi_slopes=slopes)
+    return _launch.AttentionParams(scale=scale, window_left=window_left, window_right=window_right,
+                                   softcap=check_softcap(softcap, scale), bias=bias, alibi_slopes=slopes)
 
 
 def _indices(name: str, value: torch.Tensor | Sequence[int] | range | None, size: int, device: torch.device
@@ -85,7 +85,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, caus
 
     Each row sums to 1 over keys (0 for a row with no visible key).
     """
-    variant = _variant(q, k, causal, scale, window, alibi_slopes, softcap, attn_mask)
+    params = _params(q, k, causal, scale, window, alibi_slopes, softcap, attn_mask)
     batch, heads_q, seq_q = q.shape[:3]
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
@@ -95,7 +95,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, caus
                          f"{str(lse.dtype).replace('torch.', '')} {tuple(lse.shape)} on {lse.device}")
     row_index = _indices("rows", rows, seq_q, q.device)
     head_index = _indices("heads", heads, heads_q, q.device)
-    return _launch.attention_probs(q, k, lse.contiguous(), row_index, head_index, variant)
+    return _launch.attention_probs(q, k, lse.contiguous(), row_index, head_index, params)
 
 
 def attention_stats(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, scale: float | None = None,
@@ -108,5 +108,5 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, s
     Args: q (B, Hq, Sq, D), k (B, Hkv, Sk, D), and the score options of `fused_attn.attention`.
     Returns: an `AttentionStats` of float32 tensors.
     """
-    variant = _variant(q, k, causal, scale, window, alibi_slopes, softcap, attn_mask)
-    return AttentionStats(*_launch.attention_stats(q, k, variant))
+    params = _params(q, k, causal, scale, window, alibi_slopes, softcap, attn_mask)
+    return AttentionStats(*_launch.attention_stats(q, k, params))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fused_attn
-from fused_attn._function import attention_backward_op, attention_forward_op
+from fused_attn._function import attention_backward_op, attention_forward_op, op_args
+from fused_attn._launch import AttentionParams
 from tests.helpers import Case, make_inputs
 
 OPCHECK_CASES = [
@@ -30,17 +31,16 @@ def test_opcheck_forward_and_backward(case: Case, mask: str | None, device: str)
     elif mask == "float-grad":
         bias = torch.randn(case.batch, case.heads_q, case.seq_q, case.seq_k, device=device,
                            dtype=case.dtype).requires_grad_()
-    window_right = 0 if case.causal else -1
-    settings = (scale, -1, window_right, 0.0, 0.0, 0, 0)
+    params = AttentionParams(scale=scale, window_right=0 if case.causal else -1, bias=bias)
     forward_args = (q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_(),
-                    bias, None, None, None, None, *settings)
+                    *op_args(params))
     torch.library.opcheck(attention_forward_op, forward_args)
     # The backward op runs inside autograd's backward (no double backward): plain tensors in.
-    bias = None if bias is None else bias.detach()
+    params = AttentionParams(scale=scale, window_right=0 if case.causal else -1,
+                             bias=None if bias is None else bias.detach())
     with torch.no_grad():
-        o, lse = attention_forward_op(q, k, v, bias, None, None, None, None, *settings)
-    torch.library.opcheck(attention_backward_op,
-                          (do, q, k, v, o, lse, bias, None, None, None, None, *settings, mask == "float-grad"))
+        o, lse = attention_forward_op(q, k, v, *op_args(params))
+    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, mask == "float-grad", None, *op_args(params)))
 
 
 class TinyBlock(torch.nn.Module):
@@ -125,12 +125,14 @@ def test_opcheck_variants(name: str, device: str) -> None:
     slopes = torch.rand(case.heads_q, device=device) if settings.get("alibi") else None
     seed = fused_attn.dropout_seed() if settings.get("dropout_p") else None
     window = settings.get("window", (-1, -1))
-    op_settings = (case.head_dim ** -0.5, *window, settings.get("softcap", 0.0), settings.get("dropout_p", 0.0), 0, 0)
+    params = op_args(AttentionParams(scale=case.head_dim ** -0.5, window_left=window[0], window_right=window[1],
+                                     softcap=settings.get("softcap", 0.0), alibi_slopes=slopes,
+                                     dropout_p=settings.get("dropout_p", 0.0), dropout_seed=seed))
     leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(attention_forward_op, (*leaves, None, slopes, None, None, seed, *op_settings))
+    torch.library.opcheck(attention_forward_op, (*leaves, *params))
     with torch.no_grad():
-        o, lse = attention_forward_op(q, k, v, None, slopes, None, None, seed, *op_settings)
-    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, None, slopes, None, None, seed, *op_settings, False))
+        o, lse = attention_forward_op(q, k, v, *params)
+    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, False, None, *params))
 
 
 def test_opcheck_packed_sequences(device: str) -> None:
@@ -140,14 +142,14 @@ def test_opcheck_packed_sequences(device: str) -> None:
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(sum(lengths_q), 4, 32, generator=gen).to(device)
     k, v = (torch.randn(sum(lengths_k), 2, 32, generator=gen).to(device) for _ in range(2))
-    op_settings = (32 ** -0.5, -1, 0, 0.0, 0.0, max(lengths_q), max(lengths_k))
+    params = op_args(AttentionParams(scale=32 ** -0.5, window_right=0, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                     max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k)))
     leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(attention_forward_op, (*leaves, None, None, cu_q, cu_k, None, *op_settings))
+    torch.library.opcheck(attention_forward_op, (*leaves, *params))
     with torch.no_grad():
-        o, lse = attention_forward_op(q, k, v, None, None, cu_q, cu_k, None, *op_settings)
+        o, lse = attention_forward_op(q, k, v, *params)
     assert o.shape == (24, 4, 32) and lse.shape == (4, 24)
-    torch.library.opcheck(attention_backward_op, (torch.randn_like(o), q, k, v, o, lse, None, None, cu_q, cu_k, None,
-                                                  *op_settings, False))
+    torch.library.opcheck(attention_backward_op, (torch.randn_like(o), q, k, v, o, lse, False, None, *params))
 
 
 def test_opcheck_sinks_and_compiled_sink_gradient(device: str) -> None:
@@ -156,13 +158,13 @@ def test_opcheck_sinks_and_compiled_sink_gradient(device: str) -> None:
     case = Case(2, 4, 2, 17, 23, 32, 32, True, torch.float32)
     q, k, v, do = make_inputs(case, device)
     sinks = torch.randn(case.heads_q, device=device)
-    op_settings = (case.head_dim ** -0.5, -1, 0, 0.0, 0.0, 0, 0)
     leaves = tuple(t.detach().requires_grad_() for t in (q, k, v, sinks))
-    torch.library.opcheck(attention_forward_op, (*leaves[:3], None, None, None, None, None, *op_settings, leaves[3]))
+    params = AttentionParams(scale=case.head_dim ** -0.5, window_right=0, sinks=leaves[3])
+    torch.library.opcheck(attention_forward_op, (*leaves[:3], *op_args(params)))
+    params = AttentionParams(scale=case.head_dim ** -0.5, window_right=0, sinks=sinks)
     with torch.no_grad():
-        o, lse = attention_forward_op(q, k, v, None, None, None, None, None, *op_settings, sinks)
-    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, None, None, None, None, None, *op_settings,
-                                                  False, None, sinks))
+        o, lse = attention_forward_op(q, k, v, *op_args(params))
+    torch.library.opcheck(attention_backward_op, (do, q, k, v, o, lse, False, None, *op_args(params)))
 
     def run(fn):
         leaf = sinks.clone().requires_grad_()
