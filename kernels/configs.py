@@ -7,7 +7,7 @@ For each of the three kernels the table holds a short list of vetted tiles, best
 is what runs by default; the rest are the candidates `fused_attn.tune` times on the user's GPU and
 the fallbacks a launch that runs out of resources retries with.
 
-The lists are generated (`kernels/config_table.py`) by `python -m fused_attn.kernel_report --pick`,
+The lists are generated (`kernels/config_table.py`) by `python -m bench.kernel_report --pick`,
 which compiles candidates for every target on a CPU (no GPU needed) and keeps, largest tile first,
 the ones whose hot loop wastes no tensor-core work (executed/useful MMA FLOPs = 1), uses wgmma with
 N >= 32 on capability 90, touches no local memory, and fits the target's shared memory, with the

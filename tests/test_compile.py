@@ -2,10 +2,10 @@
 alternatives the tuner and the out-of-resources retry may launch), on every target it ships for,
 with the head dim masked and exact, passes the speed checks: executed/useful MMA FLOPs = 1 in the
 hot (unmasked) loop, wgmma N >= 32 on capability 90, no local memory inside that loop, shared
-memory within the card's limit (see fused_attn/kernel_report.py).
+memory within the card's limit (see bench/kernel_report.py).
 
 Compiling everything takes about 15 minutes on two cores, so the report is committed
-(`bench/results/kernel_report.json`, regenerated with `python -m fused_attn.kernel_report --json
+(`bench/results/kernel_report.json`, regenerated with `python -m bench.kernel_report --json
 ...` whenever the kernels or the table change) and these tests
 
 - fail when the committed report is stale (its fingerprint of the kernel source and the table
@@ -68,7 +68,7 @@ def _run_python(script: str) -> str:
 
 @pytest.fixture(scope="module")
 def committed() -> dict:
-    assert REPORT.exists(), f"{REPORT} is missing: run python -m fused_attn.kernel_report --json {REPORT}"
+    assert REPORT.exists(), f"{REPORT} is missing: run python -m bench.kernel_report --json {REPORT}"
     return json.loads(REPORT.read_text())
 
 
@@ -101,17 +101,17 @@ def _problems(row: dict) -> list[str]:
 
 
 def test_committed_report_is_current(committed: dict) -> None:
-    from fused_attn import kernel_report
+    from bench import kernel_report
 
     assert committed["fingerprint"] == kernel_report.fingerprint(), (
         "bench/results/kernel_report.json was made for other kernels or another config table: regenerate it "
-        "(python -m fused_attn.kernel_report --json bench/results/kernel_report.json) and commit it")
+        "(python -m bench.kernel_report --json bench/results/kernel_report.json) and commit it")
 
 
 def test_committed_report_covers_every_shipped_tile_on_every_target(committed: dict) -> None:
     from dataclasses import asdict
 
-    from fused_attn import kernel_report
+    from bench import kernel_report
 
     fields = set(kernel_report.CompileJob.__dataclass_fields__)
     have = {json.dumps({k: (list(v) if k == "features" else v) for k, v in row.items() if k in fields},
@@ -156,7 +156,7 @@ def test_accepted_failures_are_current(committed: dict) -> None:
 
 _SAMPLE_SCRIPT = """
 import json
-from fused_attn import kernel_report as kr
+from bench import kernel_report as kr
 from fused_attn.kernels.configs import candidates
 kr.check_environment(kr.DEFAULT_KERNEL_MODULE)
 jobs = []
@@ -197,7 +197,7 @@ def test_a_sample_recompiles_to_the_committed_figures(committed: dict) -> None:
 
 _OLD_TILES_SCRIPT = """
 import json
-from fused_attn import kernel_report as kr
+from bench import kernel_report as kr
 from fused_attn.kernels.configs import KernelConfig
 jobs = [kr.CompileJob(90, 128, "bf16", "dkdv", 16, 64, 8, 3, "tf32"),
         kr.CompileJob(90, 128, "bf16", "dq", 64, 32, 8, 2, "tf32"),
@@ -229,7 +229,7 @@ def test_the_checks_catch_the_tiles_issue_12_found(tmp_path: Path) -> None:
 _TMA_SCRIPT = """
 import json, tempfile
 from pathlib import Path
-from fused_attn import kernel_report as kr
+from bench import kernel_report as kr
 kr.check_environment()
 found = {}
 for capability, kernel in ((80, "dq"), (90, "dq"), (120, "fwd"), (120, "dq")):
@@ -257,7 +257,7 @@ def test_hot_loop_is_the_loop_without_selects() -> None:
     """On a hand-written SASS: two MMA loops (a masked one with selects, an unmasked one with an
     LDL and a barrier-wait retry loop inside it), an outer loop, and a loop without MMA: the
     unmasked MMA loop is the hot loop (the wait loop inside it does not make it an outer loop)."""
-    from fused_attn.kernel_report import find_hot_loop
+    from bench.kernel_report import find_hot_loop
 
     sass = "\n".join([
         "/*0000*/ MOV R1, c[0x0][0x28] ;",
@@ -285,7 +285,7 @@ def test_hot_loop_is_the_loop_without_selects() -> None:
 
 _VARIANT_SCRIPT = """
 import json, sys
-from fused_attn import kernel_report as kr
+from bench import kernel_report as kr
 kr.check_environment(kr.DEFAULT_KERNEL_MODULE)
 jobs = kr.build_variant_jobs(capabilities=(80, 90), head_dims=(128,),
                              features={"all at once": kr.VARIANT_FEATURES["all at once"]})
