@@ -39,7 +39,10 @@ def _unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is
 
 
 def _like(ref: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """`result` in `ref`'s memory layout, as the aten op's meta function promises."""
+    """`result` in `ref`'s memory layout, as the aten op's meta function promises.
+
+    Not `_function._in_layout_of`: aten's contract is torch.empty_like(query) (any permutation of
+    the dimensions is kept), while fused_attn's ops promise (B, H, S, D) or (B, S, H, D) backing."""
     if result.stride() == ref.stride():  # the usual case (a dense ref): no allocation, no copy
         return result
     out = torch.empty_like(ref, dtype=result.dtype)

@@ -73,6 +73,7 @@ class _Faulty:
 
     def __init__(self, real, fault, block_m, block_n=None):
         self.real, self.fault, self.block_m, self.block_n = real, fault, block_m, block_n
+        self.fn = real.fn  # the launcher reads the kernel's parameter names from it
 
     def _hit(self, kwargs) -> bool:
         return kwargs.get("BLOCK_M") == self.block_m and self.block_n in (None, kwargs.get("BLOCK_N"))
@@ -84,7 +85,7 @@ class _Faulty:
             if self.fault == "half grid":  # forgets the programs of the second half: rows left unwritten
                 return self.real[(max(1, grid[0] // 2),)](*args, **kwargs)
             # "scaled": right kernel, then every tensor it wrote is 10% off (found by what changed)
-            floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            floats = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
             before = [a.clone() for a in floats]
             self.real[grid](*args, **kwargs)
             for tensor, old in zip(floats, before):
