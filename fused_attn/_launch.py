@@ -223,7 +223,8 @@ def _kernel_candidates(kernel: str, q: torch.Tensor, head_dim: int, head_dim_v: 
 
     key = tune.TuneKey(kernel=kernel, head_dim=_configs.head_dim_bucket(max(head_dim, head_dim_v)),
                        dtype=tune.dtype_name(q.dtype), variant=variant,
-                       even_d=_padded(head_dim) == head_dim and _padded(head_dim_v) == head_dim_v,
+                       even_d=_configs.head_dim_bucket(head_dim) == head_dim
+                       and _configs.head_dim_bucket(head_dim_v) == head_dim_v,
                        seq_bucket=tune.seq_bucket(max(seq_q, seq_k)))
     return tune.choose(key, q.device, table, run)
 
@@ -254,10 +255,6 @@ def _launch_tiled(kernel: str, candidates: tuple[KernelConfig, ...], q: torch.Te
     if last_error is None:
         raise RuntimeError(f"fused_attn: every vetted {kernel} tile ran out of resources on this GPU earlier")
     raise last_error
-
-
-def _padded(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
 
 
 def _kernel_flags(q: torch.Tensor) -> dict[str, object]:
@@ -455,10 +452,11 @@ def _block_key(dims: dict[str, object]) -> tuple[object, ...]:
 
 def _head_dims(q: torch.Tensor, v: torch.Tensor | None = None) -> dict[str, object]:
     """head_dim(_v), their power-of-two blocks and whether the blocks are exact, by name."""
-    dims: dict[str, object] = {"head_dim": q.shape[3], "BLOCK_D": _padded(q.shape[3]),
-                               "EVEN_D": _padded(q.shape[3]) == q.shape[3]}
+    block_d = _configs.head_dim_bucket(q.shape[3])  # tl.dot's and tl.arange's power of two, >= 16
+    dims: dict[str, object] = {"head_dim": q.shape[3], "BLOCK_D": block_d, "EVEN_D": block_d == q.shape[3]}
     if v is not None:
-        dims.update(head_dim_v=v.shape[3], BLOCK_DV=_padded(v.shape[3]), EVEN_DV=_padded(v.shape[3]) == v.shape[3])
+        block_dv = _configs.head_dim_bucket(v.shape[3])
+        dims.update(head_dim_v=v.shape[3], BLOCK_DV=block_dv, EVEN_DV=block_dv == v.shape[3])
     return dims
 
 
