@@ -2,6 +2,10 @@
 
 TRITON_INTERPRET must be set before triton is first imported (it is read when @triton.jit
 decorates), so this runs before anything imports fused_attn.
+
+Markers (the GPU-twin convention is in tests/helpers.py): `gpu` (registered in pyproject.toml)
+needs a CUDA GPU and is skipped without one; `cpu_only(reason=...)` is the no-GPU path only and is
+skipped where CUDA is available. The `device` fixture is "cuda" on a GPU machine, else "cpu".
 """
 import os
 import sys
@@ -37,6 +41,7 @@ def one_cpu_thread():
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_only(reason): the no-GPU path only; skipped where CUDA is available")
     # Workers (pytest-xdist) inherit this and append their ratios; the controller sums them up.
     # A controller always starts its own log: a pytest run inside a test (the GPU suite's test)
     # must not read and delete the outer run's.
@@ -47,12 +52,15 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    cuda = torch.cuda.is_available()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; the CPU twin runs the same checks at small sizes")
     for item in items:
-        if "gpu" in item.keywords:
+        if not cuda and item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
+        cpu_only = item.get_closest_marker("cpu_only")
+        if cuda and cpu_only is not None:
+            reason = cpu_only.kwargs.get("reason") or (cpu_only.args[0] if cpu_only.args else "the no-GPU path only")
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -26,7 +26,7 @@ from fused_attn import reference
 REPO = Path(__file__).resolve().parent.parent
 # The no-GPU path runs fused_attn on CPU tensors through the interpreter, which is off on a GPU
 # machine; there test_run_cases_on_cuda is the twin.
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path; a GPU machine runs its GPU twin")
+cpu_only = pytest.mark.cpu_only(reason="the no-GPU path; a GPU machine runs its GPU twin")
 TINY_CONFIG = fused_attn.KernelConfig(64, 64, 4, 1)
 TINY = fused_attn.AttentionConfigs(TINY_CONFIG, TINY_CONFIG, TINY_CONFIG)
 

@@ -83,7 +83,7 @@ def test_reference_validates_too() -> None:
         fused_attn.reference.attention(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path without the interpreter")
+@pytest.mark.cpu_only(reason="checks the CPU path without the interpreter")
 def test_cpu_without_interpreter_says_how_to_enable_it() -> None:
     script = textwrap.dedent("""
         import torch, fused_attn

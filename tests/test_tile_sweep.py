@@ -26,7 +26,7 @@ from fused_attn.kernels import configs
 from fused_attn.kernels.configs import KernelConfig
 
 REPO = Path(__file__).resolve().parent.parent
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path; a GPU machine runs the GPU twin")
+cpu_only = pytest.mark.cpu_only(reason="the interpreter path; a GPU machine runs the GPU twin")
 
 K = KernelConfig
 FAKE_GPU = DeviceInfo("Fake GPU 80GB", 90, None, "cpu", "3.9.0", torch.__version__)

@@ -358,7 +358,7 @@ def test_cli_shape_runs_through_the_public_api(variant, one_cpu_thread):
     assert o.grad_fn is not None
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA this would tune for real")
+@pytest.mark.cpu_only(reason="with CUDA this would tune for real")
 def test_python_m_without_cuda_exits_2():
     env = {**os.environ}
     env.pop("TRITON_INTERPRET", None)
