@@ -10,7 +10,7 @@ import torch
 
 import fused_attn
 from fused_attn import AttentionConfigs, KernelConfig
-from tests.helpers import Case, check_against_reference, make_inputs
+from tests.helpers import AttentionCase, check_against_reference, make_inputs
 
 # (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, head_dim_v): odd lengths, Sq != Sk both ways,
 # GQA and MQA, head dims that are not powers of two, D != Dv, the 512 maximum (Gemma 4's global
@@ -33,27 +33,28 @@ SHAPES = [
 ]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
-GRID = [Case(*shape, causal=causal, dtype=dtype) for shape in SHAPES for causal in (False, True) for dtype in DTYPES]
+GRID = [AttentionCase(*shape, causal=causal, dtype=dtype)
+        for shape in SHAPES for causal in (False, True) for dtype in DTYPES]
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)
-def test_matches_reference(case: Case, device: str) -> None:
+def test_matches_reference(case: AttentionCase, device: str) -> None:
     check_against_reference(case, device)
 
 
 LAYOUT_GRID = [
-    Case(2, 4, 2, 37, 53, 64, 64, causal, torch.float16, layout)
+    AttentionCase(2, 4, 2, 37, 53, 64, 64, causal, torch.float16, layout)
     for layout in ("bshd", "sliced") for causal in (False, True)
-] + [Case(1, 2, 2, 45, 45, 48, 48, True, torch.float32, "bshd")]
+] + [AttentionCase(1, 2, 2, 45, 45, 48, 48, True, torch.float32, "bshd")]
 
 
 @pytest.mark.parametrize("case", LAYOUT_GRID, ids=lambda c: c.id)
-def test_non_contiguous_inputs(case: Case, device: str) -> None:
+def test_non_contiguous_inputs(case: AttentionCase, device: str) -> None:
     check_against_reference(case, device)
 
 
 def test_transposed_bshd_runs_without_copy_and_keeps_layout(device: str) -> None:
-    q, k, v, _ = make_inputs(Case(2, 4, 4, 33, 33, 32, 32, False, torch.float16, "bshd"), device)
+    q, k, v, _ = make_inputs(AttentionCase(2, 4, 4, 33, 33, 32, 32, False, torch.float16, "bshd"), device)
     assert not q.is_contiguous()
     o = fused_attn.attention(q, k, v)
     # The output comes back in the (B, S, H, D) memory layout of q: transposing back is free.
@@ -65,21 +66,21 @@ def test_transposed_bshd_runs_without_copy_and_keeps_layout(device: str) -> None
 SMALL_TILES = AttentionConfigs(KernelConfig(16, 16, 4, 1), KernelConfig(16, 16, 4, 1), KernelConfig(16, 16, 4, 1))
 MIXED_TILES = AttentionConfigs(KernelConfig(64, 16, 4, 1), KernelConfig(16, 64, 4, 1), KernelConfig(32, 16, 4, 1))
 TILE_GRID = [
-    Case(1, 2, 1, sq, sk, 32, 32, causal, torch.float32)
+    AttentionCase(1, 2, 1, sq, sk, 32, 32, causal, torch.float32)
     for sq, sk in ((47, 47), (31, 77), (77, 31), (64, 64), (16, 80), (80, 16)) for causal in (False, True)
 ]
 
 
 @pytest.mark.parametrize("configs", [SMALL_TILES, MIXED_TILES], ids=["tiles16", "tiles-mixed"])
 @pytest.mark.parametrize("case", TILE_GRID, ids=lambda c: c.id)
-def test_tile_boundaries(case: Case, configs: AttentionConfigs, device: str) -> None:
+def test_tile_boundaries(case: AttentionCase, configs: AttentionConfigs, device: str) -> None:
     with fused_attn.override_configs(configs):
         check_against_reference(case, device)
 
 
 def test_rows_without_keys_are_zero_with_minus_inf_lse(device: str) -> None:
     # Sq > Sk, causal: the first Sq - Sk rows see no key at all.
-    q, k, v, do = make_inputs(Case(1, 2, 2, 50, 20, 32, 32, True, torch.float16), device)
+    q, k, v, do = make_inputs(AttentionCase(1, 2, 2, 50, 20, 32, 32, True, torch.float16), device)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     o, lse = fused_attn.attention(q, k, v, causal=True, return_lse=True)
     assert torch.all(o[:, :, :30] == 0) and torch.all(lse[:, :, :30] == float("-inf"))
@@ -90,7 +91,7 @@ def test_rows_without_keys_are_zero_with_minus_inf_lse(device: str) -> None:
 
 
 def test_default_and_explicit_scale(device: str) -> None:
-    case = Case(1, 2, 2, 29, 41, 24, 24, False, torch.float32)
+    case = AttentionCase(1, 2, 2, 29, 41, 24, 24, False, torch.float32)
     q, k, v, _ = make_inputs(case, device)
     for scale in (None, 0.3, 2.0):
         got = fused_attn.attention(q, k, v, scale=scale)
@@ -104,7 +105,7 @@ def test_zero_and_negative_scales(scale: float, device: str) -> None:
     """The forward's hot loop takes the row max before scaling (one FMA per score), which holds
     for positive scales only: zero and negative scales take the general path. Scores of +-100
     make a wrong row max overflow exp2."""
-    case = Case(1, 2, 2, 29, 41, 24, 24, False, torch.float32)
+    case = AttentionCase(1, 2, 2, 29, 41, 24, 24, False, torch.float32)
     q, k, v, _ = make_inputs(case, device)
     q = (q * 3).requires_grad_()
     got = fused_attn.attention(q, k, v, scale=scale)
@@ -120,7 +121,7 @@ def test_zero_and_negative_scales(scale: float, device: str) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_is_bitwise_deterministic(dtype: torch.dtype, device: str) -> None:
-    q, k, v, do = make_inputs(Case(2, 4, 2, 70, 90, 40, 40, True, dtype), device)
+    q, k, v, do = make_inputs(AttentionCase(2, 4, 2, 70, 90, 40, 40, True, dtype), device)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     first = torch.autograd.grad(fused_attn.attention(*leaves, causal=True), leaves, do)
     second = torch.autograd.grad(fused_attn.attention(*leaves, causal=True), leaves, do)
@@ -129,7 +130,7 @@ def test_backward_is_bitwise_deterministic(dtype: torch.dtype, device: str) -> N
 
 
 def test_inputs_are_not_modified(device: str) -> None:
-    q, k, v, do = make_inputs(Case(1, 4, 2, 33, 47, 40, 40, True, torch.bfloat16, "bshd"), device)
+    q, k, v, do = make_inputs(AttentionCase(1, 4, 2, 33, 47, 40, 40, True, torch.bfloat16, "bshd"), device)
     before = [t.clone() for t in (q, k, v, do)]
     leaves = [t.requires_grad_() for t in (q, k, v)]
     o = fused_attn.attention(*leaves, causal=True)
@@ -140,7 +141,7 @@ def test_inputs_are_not_modified(device: str) -> None:
 
 def test_forward_saves_o_of_s_memory_for_backward(device: str) -> None:
     """Saved tensors are q, k, v, o and lse: nothing of size Sq x Sk."""
-    q, k, v, _ = make_inputs(Case(1, 2, 2, 128, 96, 32, 32, True, torch.float16), device)
+    q, k, v, _ = make_inputs(AttentionCase(1, 2, 2, 128, 96, 32, 32, True, torch.float16), device)
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -204,9 +205,9 @@ def test_offsets_past_2_31_elements(device: str) -> None:
 def test_aligned_inputs_are_used_in_place_and_odd_ones_padded(device: str) -> None:
     from fused_attn._launch import _aligned
 
-    q, _, _, _ = make_inputs(Case(2, 4, 4, 33, 33, 64, 64, False, torch.float16, "bshd"), device)
+    q, _, _, _ = make_inputs(AttentionCase(2, 4, 4, 33, 33, 64, 64, False, torch.float16, "bshd"), device)
     assert _aligned(q) is q  # a (B, S, H, 64) view: vector loads work, no copy
-    odd, _, _, _ = make_inputs(Case(2, 4, 4, 33, 33, 40, 40, False, torch.float16, "sliced"), device)
+    odd, _, _, _ = make_inputs(AttentionCase(2, 4, 4, 33, 33, 40, 40, False, torch.float16, "sliced"), device)
     padded = _aligned(odd)
     assert padded.shape == (2, 4, 33, 48) and padded.is_contiguous()
     assert torch.equal(padded[..., :40], odd) and torch.all(padded[..., 40:] == 0)

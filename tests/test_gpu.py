@@ -10,39 +10,39 @@ import torch
 
 import fused_attn
 from fused_attn import reference
-from tests.helpers import Case, assert_close_to_reference, check_against_reference
+from tests.helpers import GPU, AttentionCase, assert_close_to_reference, check_against_reference
 
 pytestmark = pytest.mark.gpu
 
 LONG = [
-    Case(1, 2, 1, 16384, 16384, 128, 128, True, torch.bfloat16),
-    Case(1, 2, 2, 16384, 16384, 64, 64, False, torch.float16),
-    Case(1, 4, 1, 4097, 8191, 96, 96, True, torch.bfloat16),
-    Case(1, 4, 2, 8191, 1000, 80, 80, True, torch.float16),
-    Case(2, 2, 2, 4096, 4096, 256, 256, True, torch.bfloat16),
-    Case(1, 2, 2, 1000, 4097, 200, 40, False, torch.float16),
-    Case(1, 8, 8, 2048, 2048, 128, 128, False, torch.float16, "bshd"),
-    Case(1, 2, 2, 4096, 4096, 64, 64, True, torch.float32),
+    AttentionCase(1, 2, 1, 16384, 16384, 128, 128, True, torch.bfloat16),
+    AttentionCase(1, 2, 2, 16384, 16384, 64, 64, False, torch.float16),
+    AttentionCase(1, 4, 1, 4097, 8191, 96, 96, True, torch.bfloat16),
+    AttentionCase(1, 4, 2, 8191, 1000, 80, 80, True, torch.float16),
+    AttentionCase(2, 2, 2, 4096, 4096, 256, 256, True, torch.bfloat16),
+    AttentionCase(1, 2, 2, 1000, 4097, 200, 40, False, torch.float16),
+    AttentionCase(1, 8, 8, 2048, 2048, 128, 128, False, torch.float16, "bshd"),
+    AttentionCase(1, 2, 2, 4096, 4096, 64, 64, True, torch.float32),
 ]
 
 
 @pytest.mark.parametrize("case", LONG, ids=lambda c: c.id)
-def test_long_sequences_match_reference(case: Case) -> None:
-    check_against_reference(case, "cuda")
+def test_long_sequences_match_reference(case: AttentionCase) -> None:
+    check_against_reference(case, GPU)
 
 
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
 def test_float32_follows_allow_tf32(allow_tf32: bool, monkeypatch) -> None:
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
     # The same-dtype PyTorch baseline runs under the same flag, so the rule compares like with like.
-    check_against_reference(Case(1, 2, 2, 1024, 1024, 128, 128, True, torch.float32), "cuda")
+    check_against_reference(AttentionCase(1, 2, 2, 1024, 1024, 128, 128, True, torch.float32), GPU)
 
 
 def test_more_than_2_31_elements_and_65535_batch_heads() -> None:
     """B * H * S * D > 2**31 (64-bit offsets) with B * H = 2**17 programs' worth of heads."""
     batch, heads, seq, dim = 1024, 128, 136, 128  # 2.28e9 elements per tensor, B * H = 131072
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.float16, generator=gen)
+    gen = torch.Generator(device=GPU).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq, dim, device=GPU, dtype=torch.float16, generator=gen)
                for _ in range(3))
     q.requires_grad_()
     k.requires_grad_()
@@ -64,11 +64,11 @@ def test_more_than_2_31_elements_and_65535_batch_heads() -> None:
 
 
 def test_backward_deterministic_at_scale() -> None:
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(2, 16, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
-    k = torch.randn(2, 4, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
-    v = torch.randn(2, 4, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
-    do = torch.randn(2, 16, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    gen = torch.Generator(device=GPU).manual_seed(1)
+    q = torch.randn(2, 16, 4096, 128, device=GPU, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    k = torch.randn(2, 4, 4096, 128, device=GPU, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    v = torch.randn(2, 4, 4096, 128, device=GPU, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    do = torch.randn(2, 16, 4096, 128, device=GPU, dtype=torch.bfloat16, generator=gen)
     first = torch.autograd.grad(fused_attn.attention(q, k, v, causal=True), (q, k, v), do)
     second = torch.autograd.grad(fused_attn.attention(q, k, v, causal=True), (q, k, v), do)
     for a, b in zip(first, second):

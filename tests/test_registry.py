@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fused_attn
 from fused_attn import reference, registry
-from tests.helpers import Case, assert_close_to_reference, make_inputs
+from tests.helpers import GPU, AttentionCase, assert_close_to_reference, make_inputs
 
 needs_registry = pytest.mark.skipif(not hasattr(torch.nn.attention, "register_flash_attention_impl"),
                                     reason=f"torch {torch.__version__} has no flash-attention registry")
@@ -53,11 +53,11 @@ def _reference_grads(q, k, v, do, causal: bool, dropout_p: float = 0.0, keep: to
 
 
 @pytest.mark.parametrize("case", [
-    Case(2, 4, 4, 33, 33, 64, 64, True, torch.float16),
-    Case(1, 4, 2, 20, 47, 40, 40, False, torch.bfloat16),   # GQA, Sq != Sk, padded head dim
-    Case(1, 2, 2, 16, 16, 32, 32, False, torch.float32, "bshd"),
+    AttentionCase(2, 4, 4, 33, 33, 64, 64, True, torch.float16),
+    AttentionCase(1, 4, 2, 20, 47, 40, 40, False, torch.bfloat16),   # GQA, Sq != Sk, padded head dim
+    AttentionCase(1, 2, 2, 16, 16, 32, 32, False, torch.float32, "bshd"),
 ], ids=lambda c: c.id)
-def test_aten_kernels_match_the_reference(case: Case, device: str) -> None:
+def test_aten_kernels_match_the_reference(case: AttentionCase, device: str) -> None:
     """The two functions the dispatcher calls, called directly: outputs in the inputs' layouts,
     o and lse, and dq, dk, dv from the backward, all under FlashAttention's rule."""
     q, k, v, do = make_inputs(case, device)
@@ -73,10 +73,10 @@ def test_aten_kernels_match_the_reference(case: Case, device: str) -> None:
 
 
 @pytest.mark.parametrize("case", [
-    Case(2, 4, 2, 24, 24, 32, 32, True, torch.float16),     # GQA, causal
-    Case(1, 2, 2, 17, 30, 40, 40, False, torch.bfloat16),   # Sq != Sk, padded head dim
+    AttentionCase(2, 4, 2, 24, 24, 32, 32, True, torch.float16),     # GQA, causal
+    AttentionCase(1, 2, 2, 17, 30, 40, 40, False, torch.bfloat16),   # Sq != Sk, padded head dim
 ], ids=lambda c: c.id)
-def test_aten_kernels_with_dropout_match_the_reference_with_the_kernels_mask(case: Case, device: str) -> None:
+def test_aten_kernels_with_dropout_match_the_reference_with_the_kernels_mask(case: AttentionCase, device: str) -> None:
     """Dropout: the forward draws its seed with fused_attn.dropout_seed() (torch's default
     generator) and returns it in rng_state[0]; the backward regenerates the mask from the seed
     it is handed as philox_seed. Both match the reference given the kernels' mask."""
@@ -120,8 +120,8 @@ def test_sdpa_flash_backend_runs_fused_attn_on_cuda(monkeypatch) -> None:
     calls = []
     original = registry.forward
     monkeypatch.setattr(registry, "forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    q, k, v = (torch.randn(2, 8, 1000, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    do = torch.randn_like(q)
+    q, k, v, do = make_inputs(AttentionCase(2, 8, 8, 1000, 1000, 128, 128, True, torch.bfloat16), GPU)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     try:
         fused_attn.activate()
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
@@ -148,8 +148,7 @@ def test_sdpa_flash_backend_dropout_on_cuda() -> None:
     """Dropout through torch's SDPA flash backend: the seed the forward returns in rng_state comes
     back to the backward through torch's autograd; o and the gradients match the reference given
     the kernels' mask (re-derived by re-seeding torch's default generator)."""
-    gen = torch.Generator().manual_seed(0)
-    q, k, v, do = (torch.randn(2, 4, 300, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(4))
+    q, k, v, do = make_inputs(AttentionCase(2, 4, 4, 300, 300, 64, 64, True, torch.bfloat16), GPU)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     try:
         fused_attn.activate()
@@ -160,7 +159,7 @@ def test_sdpa_flash_backend_dropout_on_cuda() -> None:
     finally:
         fused_attn.deactivate()
     torch.manual_seed(3)
-    keep = fused_attn.dropout_mask(fused_attn.dropout_seed(), 2, 4, 300, 300, 0.2, "cuda")
+    keep = fused_attn.dropout_mask(fused_attn.dropout_seed(), 2, 4, 300, 300, 0.2, GPU)
     expected = _reference_grads(q, k, v, do, True, 0.2, keep)
     for i, (name, got) in enumerate(zip(("o", "dq", "dk", "dv"), [o.detach()] + [t.grad for t in leaves])):
         j = 0 if i == 0 else i + 1  # _reference_grads also holds lse

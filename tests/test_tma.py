@@ -9,6 +9,7 @@ SASS issues TMA copies.
 from __future__ import annotations
 
 import contextvars
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,34 +19,29 @@ import triton
 import fused_attn
 from fused_attn import _launch, reference
 from fused_attn.kernels import configs
-
-from .helpers import Case, assert_close_to_reference, check_against_reference, make_inputs
+from tests.helpers import (AttentionCase, assert_close_to_reference, check_against_reference, fused_with_grads,
+                           make_inputs)
 
 pytestmark = pytest.mark.skipif(not _launch._TRITON_HAS_TMA, reason="this Triton has no tl.make_tensor_descriptor")
 
 
-def _run(case: Case, device: str, tma: bool, monkeypatch: pytest.MonkeyPatch, **kwargs: object
-         ) -> tuple[torch.Tensor, ...]:
-    """o, lse, dq, dk, dv of one call, with the TMA path on or off."""
+def _run(case: AttentionCase, device: str, tma: bool, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """o, lse, dq, dk, dv of one call with the case's options (dropout from one fixed generator
+    state), with the TMA path on or off."""
     monkeypatch.setenv(_launch.ENV_TMA, "1" if tma else "0")
-    q, k, v, do = make_inputs(case, device)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    if kwargs.get("dropout_p"):
-        torch.manual_seed(7)
-    o, lse = fused_attn.attention(*leaves, causal=case.causal, return_lse=True, **kwargs)
-    return (o, lse, *torch.autograd.grad(o, leaves, do))
+    return fused_with_grads(make_inputs(case, device))
 
 
 CASES = [
-    Case(2, 4, 2, 17, 97, 40, 40, True, torch.float16),  # GQA, Sq != Sk, head dim needing a mask
-    Case(1, 2, 2, 1, 200, 80, 80, True, torch.bfloat16),  # one query, causal bottom-right
-    Case(1, 3, 1, 97, 17, 96, 64, False, torch.float32),  # MQA, Dv != D, more queries than keys
-    Case(1, 2, 2, 64, 64, 64, 64, True, torch.float16, "bshd"),  # exact head dim, (B, S, H, D) layout
+    AttentionCase(2, 4, 2, 17, 97, 40, 40, True, torch.float16),  # GQA, Sq != Sk, head dim needing a mask
+    AttentionCase(1, 2, 2, 1, 200, 80, 80, True, torch.bfloat16),  # one query, causal bottom-right
+    AttentionCase(1, 3, 1, 97, 17, 96, 64, False, torch.float32),  # MQA, Dv != D, more queries than keys
+    AttentionCase(1, 2, 2, 64, 64, 64, 64, True, torch.float16, "bshd"),  # exact head dim, (B, S, H, D) layout
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_descriptor_path_equals_pointer_path(case: Case, device: str, monkeypatch: pytest.MonkeyPatch,
+def test_descriptor_path_equals_pointer_path(case: AttentionCase, device: str, monkeypatch: pytest.MonkeyPatch,
                                              one_cpu_thread: None) -> None:
     with_tma = _run(case, device, True, monkeypatch)
     without = _run(case, device, False, monkeypatch)
@@ -54,29 +50,26 @@ def test_descriptor_path_equals_pointer_path(case: Case, device: str, monkeypatc
 
 
 @pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c.id)
-def test_descriptor_path_against_float64(case: Case, device: str, monkeypatch: pytest.MonkeyPatch,
+def test_descriptor_path_against_float64(case: AttentionCase, device: str, monkeypatch: pytest.MonkeyPatch,
                                          one_cpu_thread: None) -> None:
     monkeypatch.setenv(_launch.ENV_TMA, "1")
     check_against_reference(case, device)
 
 
-@pytest.mark.parametrize("options", [
-    {"window": (5, 0)}, {"softcap": 2.0, "alibi_slopes": "slopes"}, {"attn_mask": "float"},
-    {"attn_mask": "bool", "dropout_p": 0.25},
-], ids=["window", "softcap-alibi", "float-mask", "bool-mask-dropout"])
-def test_descriptor_path_with_variants(options: dict, device: str, monkeypatch: pytest.MonkeyPatch,
+VARIANT_BASE = AttentionCase(1, 4, 2, 33, 47, 48, 48, True, torch.float16)
+VARIANT_CASES = [
+    replace(VARIANT_BASE, window=(5, 0), name="window"),
+    replace(VARIANT_BASE, softcap=2.0, alibi="batch", name="softcap-alibi"),
+    replace(VARIANT_BASE, mask="float", mask_shape=(1, 4, 33, 47), name="float-mask"),
+    replace(VARIANT_BASE, mask="bool", dropout_p=0.25, name="bool-mask-dropout"),
+]
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: c.name)
+def test_descriptor_path_with_variants(case: AttentionCase, device: str, monkeypatch: pytest.MonkeyPatch,
                                        one_cpu_thread: None) -> None:
-    case = Case(1, 4, 2, 33, 47, 48, 48, True, torch.float16)
-    gen = torch.Generator().manual_seed(3)
-    kwargs = dict(options)
-    if kwargs.get("alibi_slopes") == "slopes":
-        kwargs["alibi_slopes"] = torch.rand(case.batch, case.heads_q, generator=gen).to(device)
-    if kwargs.get("attn_mask") == "float":
-        kwargs["attn_mask"] = torch.randn(case.batch, case.heads_q, case.seq_q, case.seq_k, generator=gen).to(device)
-    elif kwargs.get("attn_mask") == "bool":
-        kwargs["attn_mask"] = (torch.rand(case.batch, 1, case.seq_q, case.seq_k, generator=gen) > 0.3).to(device)
-    with_tma = _run(case, device, True, monkeypatch, **kwargs)
-    without = _run(case, device, False, monkeypatch, **kwargs)
+    with_tma = _run(case, device, True, monkeypatch)
+    without = _run(case, device, False, monkeypatch)
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), with_tma, without):
         assert torch.equal(a, b), f"{name} differs between the TMA and the pointer loads"
 
@@ -84,26 +77,22 @@ def test_descriptor_path_with_variants(options: dict, device: str, monkeypatch: 
 def test_descriptor_path_packed_sequences(device: str, monkeypatch: pytest.MonkeyPatch, one_cpu_thread: None) -> None:
     """Each sequence's descriptor ends at its own length: the next sequence is never read (it is
     filled with NaN here, so a read would show)."""
-    lengths_q, lengths_k = [5, 1, 23], [9, 30, 2]
-    heads_q, heads_kv, dim = 4, 2, 40
-    gen = torch.Generator().manual_seed(11)
-    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    q = torch.randn(sum(lengths_q), heads_q, dim, generator=gen).to(device, torch.float16)
-    k = torch.randn(sum(lengths_k), heads_kv, dim, generator=gen).to(device, torch.float16)
-    v = torch.randn(sum(lengths_k), heads_kv, dim, generator=gen).to(device, torch.float16)
-    do = torch.randn(sum(lengths_q), heads_q, dim, generator=gen).to(device, torch.float16)
+    case = AttentionCase(heads_q=4, heads_kv=2, head_dim=40, causal=True, dtype=torch.float16,
+                         lengths_q=(5, 1, 23), lengths_k=(9, 30, 2))
+    inputs = make_inputs(case, device, seed=11)
+    q, k, v, do = inputs
+    cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
     results = {}
     for tma in (True, False):
         monkeypatch.setenv(_launch.ENV_TMA, "1" if tma else "0")
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        o = fused_attn.attention_varlen(*leaves, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=True)
+        o = fused_attn.attention_varlen(*leaves, cu_q, cu_k, inputs.max_seqlen_q, inputs.max_seqlen_k, causal=True)
         results[tma] = (o, *torch.autograd.grad(o, leaves, do))
     for name, a, b in zip(("o", "dq", "dk", "dv"), results[True], results[False]):
         assert torch.equal(a, b), f"{name} differs between the TMA and the pointer loads"
     # The same sequences one at a time against the float64 reference.
     o = results[True][0]
-    for i in range(len(lengths_q)):
+    for i in range(case.num_seqs):
         rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
         keys = slice(int(cu_k[i]), int(cu_k[i + 1]))
         one = [t[s].transpose(0, 1).unsqueeze(0) for t, s in ((q, rows), (k, keys), (v, keys))]

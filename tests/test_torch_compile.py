@@ -9,19 +9,19 @@ import torch
 import fused_attn
 from fused_attn._function import attention_backward_op, attention_forward_op, op_args
 from fused_attn._launch import AttentionParams
-from tests.helpers import Case, make_inputs
+from tests.helpers import AttentionCase, make_inputs
 
 OPCHECK_CASES = [
-    Case(1, 2, 2, 17, 17, 16, 16, True, torch.float32),
-    Case(2, 4, 2, 33, 20, 40, 24, True, torch.float32),            # GQA, Sq > Sk, padded head dims
-    Case(1, 3, 1, 9, 50, 64, 64, False, torch.float16, "bshd"),    # MQA, (B, S, H, D) views
-    Case(1, 2, 2, 24, 24, 32, 32, True, torch.bfloat16, "sliced"),  # non-contiguous slices
+    AttentionCase(1, 2, 2, 17, 17, 16, 16, True, torch.float32),
+    AttentionCase(2, 4, 2, 33, 20, 40, 24, True, torch.float32),            # GQA, Sq > Sk, padded head dims
+    AttentionCase(1, 3, 1, 9, 50, 64, 64, False, torch.float16, "bshd"),    # MQA, (B, S, H, D) views
+    AttentionCase(1, 2, 2, 24, 24, 32, 32, True, torch.bfloat16, "sliced"),  # non-contiguous slices
 ]
 
 
 @pytest.mark.parametrize("mask", [None, "bool", "float-grad"])
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.id)
-def test_opcheck_forward_and_backward(case: Case, mask: str | None, device: str) -> None:
+def test_opcheck_forward_and_backward(case: AttentionCase, mask: str | None, device: str) -> None:
     q, k, v, do = make_inputs(case, device)
     scale = case.head_dim ** -0.5
     bias = None
@@ -120,7 +120,7 @@ VARIANT_SETTINGS = {
 @pytest.mark.parametrize("name", list(VARIANT_SETTINGS))
 def test_opcheck_variants(name: str, device: str) -> None:
     settings = VARIANT_SETTINGS[name]
-    case = Case(2, 4, 2, 33, 20, 40, 40, False, torch.float32)
+    case = AttentionCase(2, 4, 2, 33, 20, 40, 40, False, torch.float32)
     q, k, v, do = make_inputs(case, device)
     slopes = torch.rand(case.heads_q, device=device) if settings.get("alibi") else None
     seed = fused_attn.dropout_seed() if settings.get("dropout_p") else None
@@ -155,7 +155,7 @@ def test_opcheck_packed_sequences(device: str) -> None:
 def test_opcheck_sinks_and_compiled_sink_gradient(device: str) -> None:
     """The sinks input of both ops (the backward returns their gradient as a fifth output), and
     a fullgraph-compiled call whose sink gradient equals the eager one."""
-    case = Case(2, 4, 2, 17, 23, 32, 32, True, torch.float32)
+    case = AttentionCase(2, 4, 2, 17, 23, 32, 32, True, torch.float32)
     q, k, v, do = make_inputs(case, device)
     sinks = torch.randn(case.heads_q, device=device)
     leaves = tuple(t.detach().requires_grad_() for t in (q, k, v, sinks))
