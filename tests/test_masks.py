@@ -3,91 +3,56 @@ every broadcastable shape, with and without causal, against the float64 referenc
 FlashAttention's rule, including the float mask's gradient and rows that the mask empties."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 import fused_attn
 from fused_attn import reference
-from tests.helpers import assert_close_to_reference
+from tests.helpers import AttentionCase, assert_close_to_reference, make_inputs
 
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
-@dataclass(frozen=True)
-class MaskCase:
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seq_q: int
-    seq_k: int
-    head_dim: int
-    causal: bool
-    dtype: torch.dtype
-    mask_shape: tuple[int, ...]
-    kind: str  # "bool", "float", "float-grad" (the mask requires grad), "padding" (bool, whole rows and keys)
-
-    @property
-    def id(self) -> str:
-        return (f"b{self.batch}-h{self.heads_q}:{self.heads_kv}-sq{self.seq_q}-sk{self.seq_k}-d{self.head_dim}-"
-                f"{'causal' if self.causal else 'full'}-{str(self.dtype)[6:]}-{self.kind}"
-                f"{'x'.join(map(str, self.mask_shape))}")
-
-
+# mask: "bool", "float", "float-grad" (the mask requires grad), "padding" (bool, whole keys hidden)
 CASES = [
-    MaskCase(2, 4, 2, 37, 50, 40, False, torch.float16, (2, 1, 37, 50), "bool"),
-    MaskCase(2, 4, 2, 37, 50, 40, True, torch.bfloat16, (1, 4, 37, 50), "float"),
-    MaskCase(1, 2, 2, 97, 97, 64, True, torch.float32, (97, 97), "float-grad"),
-    MaskCase(2, 2, 1, 33, 65, 80, False, torch.bfloat16, (2, 1, 1, 65), "padding"),
-    MaskCase(2, 3, 3, 17, 17, 16, True, torch.float16, (2, 3, 17, 17), "float-grad"),
-    MaskCase(1, 2, 1, 70, 20, 96, True, torch.float16, (1, 1, 70, 20), "bool"),   # Sq > Sk: empty causal rows too
-    MaskCase(1, 4, 4, 1, 45, 128, False, torch.bfloat16, (1, 4, 1, 45), "float-grad"),  # one query (decoding)
-    MaskCase(2, 2, 2, 64, 64, 32, False, torch.float32, (2, 2, 64, 64), "bool"),
+    AttentionCase(2, 4, 2, 37, 50, 40, dtype=FP16, mask="bool", mask_shape=(2, 1, 37, 50)),
+    AttentionCase(2, 4, 2, 37, 50, 40, causal=True, dtype=BF16, mask="float", mask_shape=(1, 4, 37, 50)),
+    AttentionCase(1, 2, 2, 97, 97, 64, causal=True, dtype=FP32, mask="float-grad", mask_shape=(97, 97)),
+    AttentionCase(2, 2, 1, 33, 65, 80, dtype=BF16, mask="padding", mask_shape=(2, 1, 1, 65)),
+    AttentionCase(2, 3, 3, 17, 17, 16, causal=True, dtype=FP16, mask="float-grad", mask_shape=(2, 3, 17, 17)),
+    # Sq > Sk: empty causal rows too
+    AttentionCase(1, 2, 1, 70, 20, 96, causal=True, dtype=FP16, mask="bool", mask_shape=(1, 1, 70, 20)),
+    AttentionCase(1, 4, 4, 1, 45, 128, dtype=BF16, mask="float-grad", mask_shape=(1, 4, 1, 45)),  # one query (decoding)
+    AttentionCase(2, 2, 2, 64, 64, 32, dtype=FP32, mask="bool", mask_shape=(2, 2, 64, 64)),
 ]
 
 
-def _mask(case: MaskCase, gen: torch.Generator) -> torch.Tensor:
-    if case.kind == "padding":  # keys past each sequence's length are hidden
-        lengths = torch.tensor([case.seq_k, case.seq_k // 3])
-        return (torch.arange(case.seq_k)[None, :] < lengths[:, None]).view(case.mask_shape)
-    if case.kind == "bool":
-        keep = torch.rand(case.mask_shape, generator=gen) > 0.35
-        keep.view(-1, keep.shape[-1])[0] = False  # a row with no key at all
-        return keep
-    bias = torch.randn(case.mask_shape, generator=gen)
-    bias[torch.rand(case.mask_shape, generator=gen) < 0.2] = float("-inf")
-    bias.view(-1, bias.shape[-1])[-1] = float("-inf")  # a row with no key at all
-    return bias
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_mask_matches_reference(case: MaskCase, device: str) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(case.batch, case.heads_q, case.seq_q, case.head_dim, generator=gen)
-    k = torch.randn(case.batch, case.heads_kv, case.seq_k, case.head_dim, generator=gen)
-    v = torch.randn(case.batch, case.heads_kv, case.seq_k, case.head_dim, generator=gen)
-    do = torch.randn(case.batch, case.heads_q, case.seq_q, case.head_dim, generator=gen)
-    mask = _mask(case, gen)
-    mask_grad = case.kind == "float-grad"
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_mask_matches_reference(case: AttentionCase, device: str) -> None:
+    """The kernels, the reference in the inputs' dtype and in float64, each on its own copies of
+    the case's inputs and mask (a float mask as a leaf of the same dtype, for "float-grad")."""
+    inputs = make_inputs(case, device)
+    mask = inputs.attn_mask
+    mask_grad = case.mask == "float-grad"
     results = {}
     for name, fn, dtype in (("fused", fused_attn.attention, case.dtype), ("plain", reference.attention, case.dtype),
                             ("golden", reference.attention, torch.float64)):
-        leaves = [t.to(device=device, dtype=dtype, copy=True).requires_grad_() for t in (q, k, v)]
-        m = mask.to(device) if mask.dtype == torch.bool else mask.to(device=device, dtype=dtype, copy=True)
+        leaves = [t.to(dtype=dtype, copy=True).requires_grad_() for t in inputs.qkv]
+        m = mask if mask.dtype == torch.bool else mask.to(dtype=dtype, copy=True)
         m.requires_grad_(mask_grad)
         o, lse = fn(*leaves, causal=case.causal, attn_mask=m, return_lse=True)
-        o.backward(do.to(device=device, dtype=dtype))
+        o.backward(inputs.do.to(dtype))
         results[name] = [o.detach(), lse] + [t.grad for t in leaves] + ([m.grad] if mask_grad else [])
     names = ["o", "lse", "dq", "dk", "dv"] + (["dmask"] if mask_grad else [])
     for i, name in enumerate(names):
         assert_close_to_reference(name, results["fused"][i], results["golden"][i], results["plain"][i],
                                   2 if name in ("o", "lse") else 3, case.dtype)
     empty_rows = torch.isinf(results["golden"][1])
-    assert empty_rows.any() or case.kind == "padding"  # the others each empty at least one row
+    assert empty_rows.any() or case.mask == "padding"  # the others each empty at least one row
     assert (results["fused"][0][empty_rows] == 0).all()
 
 
 def test_mask_and_no_mask_agree_when_the_mask_keeps_everything(device: str) -> None:
-    q, k, v = (torch.randn(1, 2, 29, 32, device=device) for _ in range(3))
+    q, k, v, _ = make_inputs(AttentionCase(1, 2, 2, 29, 29, 32, dtype=FP32), device)
     plain = fused_attn.attention(q, k, v, causal=True)
     assert torch.equal(fused_attn.attention(q, k, v, causal=True, attn_mask=torch.ones(29, 29, dtype=torch.bool,
                                                                                       device=device)), plain)
@@ -96,8 +61,9 @@ def test_mask_and_no_mask_agree_when_the_mask_keeps_everything(device: str) -> N
 
 
 def test_masked_backward_is_deterministic(device: str) -> None:
-    q, k, v, do = (torch.randn(2, 4, 45, 64, device=device, dtype=torch.float16) for _ in range(4))
-    bias = torch.randn(2, 1, 45, 45, device=device, dtype=torch.float16)
+    inputs = make_inputs(AttentionCase(2, 4, 4, 45, 45, 64, causal=True, dtype=FP16, mask="float"), device)
+    q, k, v, do = inputs
+    bias = inputs.attn_mask
     grads = []
     for _ in range(2):
         leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]

@@ -17,14 +17,13 @@ the end (marked gpu, skipped without one) runs a 64k-token sequence.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 import fused_attn
 from fused_attn import AttentionConfigs, KernelConfig, reference
-from tests.helpers import assert_close_to_reference
+from tests.helpers import GPU, AttentionCase, assert_close_to_reference, make_inputs
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -36,80 +35,27 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 # Cases, inputs and the reference
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Case:
-    """q (B, Hq, Sq, D), k (B, Hkv, Sk, D) and the score options of one call."""
-
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seq_q: int
-    seq_k: int
-    head_dim: int
-    dtype: torch.dtype
-    causal: bool = False
-    window: tuple[int, int] | None = None
-    alibi: bool = False  # slopes (B, Hq), different per batch entry, so a wrong row shows
-    softcap: float = 0.0
-    mask: str | None = None  # "bool" or "float": a random attn_mask (B, 1, Sq, Sk) that empties row 0
-    scale: float | None = None
-
-    @property
-    def id(self) -> str:
-        parts = [f"b{self.batch}", f"h{self.heads_q}-{self.heads_kv}", f"sq{self.seq_q}", f"sk{self.seq_k}",
-                 f"d{self.head_dim}", str(self.dtype).replace("torch.", "")]
-        if self.causal:
-            parts.append("causal")
-        if self.window is not None:
-            parts.append(f"win{self.window[0]}_{self.window[1]}")
-        if self.alibi:
-            parts.append("alibi")
-        if self.softcap:
-            parts.append(f"cap{self.softcap:g}")
-        if self.mask:
-            parts.append(f"mask-{self.mask}")
-        if self.scale is not None:
-            parts.append(f"scale{self.scale:g}")
-        return "-".join(parts)
-
-
 CASES = [
-    Case(1, 2, 1, 97, 200, 40, FP16),                                   # Sq < Sk, unpadded head dim, GQA
-    Case(1, 2, 1, 200, 97, 80, BF16, causal=True),                      # Sq > Sk: 103 rows see no key
-    Case(1, 2, 2, 17, 17, 64, FP32, window=(5, 2)),
-    Case(1, 4, 1, 1, 200, 40, FP16, causal=True),                       # one query (decoding)
-    Case(1, 2, 1, 97, 1, 80, BF16, causal=True),                        # one key: all rows but the last are empty
-    Case(2, 2, 1, 50, 97, 64, FP16, alibi=True, softcap=5.0),           # ALiBi distances off the diagonal
-    Case(1, 4, 2, 17, 97, 40, FP32, mask="bool", scale=0.3),
-    Case(1, 2, 1, 60, 200, 80, BF16, causal=True, mask="float"),
-    Case(1, 2, 2, 200, 17, 40, FP16, causal=True, window=(3, 0)),       # left window past an Sq > Sk diagonal
-    Case(1, 2, 2, 97, 97, 80, FP32, window=(16, 16), alibi=True, softcap=2.0),
+    AttentionCase(1, 2, 1, 97, 200, 40, dtype=FP16),  # Sq < Sk, unpadded head dim, GQA
+    AttentionCase(1, 2, 1, 200, 97, 80, dtype=BF16, causal=True),  # Sq > Sk: 103 rows see no key
+    AttentionCase(1, 2, 2, 17, 17, 64, dtype=FP32, window=(5, 2)),
+    AttentionCase(1, 4, 1, 1, 200, 40, dtype=FP16, causal=True),  # one query (decoding)
+    AttentionCase(1, 2, 1, 97, 1, 80, dtype=BF16, causal=True),  # one key: all rows but the last are empty
+    AttentionCase(2, 2, 1, 50, 97, 64, dtype=FP16, alibi="batch", softcap=5.0),  # ALiBi distances off the diagonal
+    AttentionCase(1, 4, 2, 17, 97, 40, dtype=FP32, mask="bool", scale=0.3),
+    AttentionCase(1, 2, 1, 60, 200, 80, dtype=BF16, causal=True, mask="float"),
+    AttentionCase(1, 2, 2, 200, 17, 40, dtype=FP16, causal=True, window=(3, 0)),  # left window past an Sq > Sk diagonal
+    AttentionCase(1, 2, 2, 97, 97, 80, dtype=FP32, window=(16, 16), alibi="batch", softcap=2.0),
 ]
 
 
-def make_inputs(case: Case, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
-    """q, k drawn from `seed` in the case's dtype, and the options both fused_attn and the
-    reference take. A float mask is drawn in the input dtype, so the float64 reference sees
-    exactly the values the kernels read; slopes are float32 for the same reason."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(case.batch, case.heads_q, case.seq_q, case.head_dim, generator=gen)
-    k = torch.randn(case.batch, case.heads_kv, case.seq_k, case.head_dim, generator=gen)
-    options: dict[str, object] = {"causal": case.causal, "scale": case.scale, "window": case.window,
-                                  "softcap": case.softcap, "alibi_slopes": None, "attn_mask": None}
-    if case.alibi:
-        slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / case.heads_q) for h in range(case.heads_q)])
-        options["alibi_slopes"] = (slopes[None, :] * (1.0 + 0.5 * torch.arange(case.batch))[:, None]).to(device)
-    shape = (case.batch, 1, case.seq_q, case.seq_k)
-    if case.mask == "bool":
-        mask = torch.rand(shape, generator=gen) > 0.3
-        mask[:, :, 0] = False
-        options["attn_mask"] = mask.to(device)
-    elif case.mask == "float":
-        mask = torch.randn(shape, generator=gen)
-        mask[torch.rand(shape, generator=gen) < 0.2] = -math.inf
-        mask[:, :, 0] = -math.inf
-        options["attn_mask"] = mask.to(device=device, dtype=case.dtype)
-    return q.to(device=device, dtype=case.dtype), k.to(device=device, dtype=case.dtype), options
+def q_k_options(case: AttentionCase, device: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    """q, k of the case's inputs (helpers.make_inputs, seed 0) and the options that shape the
+    scores, which both fused_attn and the reference take. A float mask is in the input dtype, so
+    the float64 reference sees exactly the values the kernels read; slopes are float32 for the
+    same reason."""
+    inputs = make_inputs(case, device)
+    return inputs.q, inputs.k, inputs.score_options()
 
 
 def reference_probs(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, options: dict[str, object]
@@ -172,10 +118,10 @@ def assert_rows_sum_to_one_or_zero(probs: torch.Tensor, has_key: torch.Tensor) -
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_probs_match_reference(case: Case, device: str) -> None:
+def test_probs_match_reference(case: AttentionCase, device: str) -> None:
     """All rows (the default) and a selection of rows and heads, each under the rule, from the
     forward's own lse; a selection is the same numbers as the matching slice of all rows."""
-    q, k, options = make_inputs(case, device)
+    q, k, options = q_k_options(case, device)
     lse = fused_lse(q, k, options)
     golden, golden_lse = reference_probs(q, k, torch.float64, options)
     plain, _ = reference_probs(q, k, case.dtype, options)
@@ -207,8 +153,8 @@ def test_probs_match_reference(case: Case, device: str) -> None:
 def test_index_kinds_agree(device: str) -> None:
     """rows and heads as lists, tuples, ranges and int32/int64 tensors (negative or not) select
     the same rows, bitwise."""
-    case = Case(1, 4, 2, 40, 33, 40, FP16, causal=True)
-    q, k, options = make_inputs(case, device)
+    case = AttentionCase(1, 4, 2, 40, 33, 40, dtype=FP16, causal=True)
+    q, k, options = q_k_options(case, device)
     lse = fused_lse(q, k, options)
     expected = fused_attn.attention_probs(q, k, lse, rows=[3, 4, 5, 39], heads=[1, 2], **options)
     for rows, heads in (((3, 4, 5, 39), (1, 2)),
@@ -223,12 +169,12 @@ def test_index_kinds_agree(device: str) -> None:
 # 2. attention_stats against the reference
 # --------------------------------------------------------------------------------------------
 
-def check_stats(case: Case, device: str, stats: fused_attn.AttentionStats) -> None:
-    """lse, entropy, max_prob and received of `stats` (for make_inputs(case)) under the rule and
+def check_stats(case: AttentionCase, device: str, stats: fused_attn.AttentionStats) -> None:
+    """lse, entropy, max_prob and received of `stats` (for q_k_options(case)) under the rule and
     within float32 rounding of the float64 reference, with the invariants that need no reference:
     rows without a key have lse -inf, entropy 0 and max_prob 0; entropy >= 0 and max_prob <= 1;
     received sums to the number of queries with a key."""
-    q, k, options = make_inputs(case, device)
+    q, k, options = q_k_options(case, device)
     golden, golden_lse = reference_probs(q, k, torch.float64, options)
     plain, plain_lse = reference_probs(q, k, case.dtype, options)
     for name, got in zip(("lse", "entropy", "max_prob", "received"), (stats.lse, stats.entropy, stats.max_prob,
@@ -254,8 +200,8 @@ def check_stats(case: Case, device: str, stats: fused_attn.AttentionStats) -> No
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_stats_match_reference(case: Case, device: str) -> None:
-    q, k, options = make_inputs(case, device)
+def test_stats_match_reference(case: AttentionCase, device: str) -> None:
+    q, k, options = q_k_options(case, device)
     stats = fused_attn.attention_stats(q, k, **options)
     check_stats(case, device, stats)
     # The forward's lse is the same quantity computed by another kernel: they agree closely
@@ -278,8 +224,8 @@ TILES = [
 def test_stats_do_not_depend_on_tile_shapes(configs: AttentionConfigs, device: str) -> None:
     """attention_stats walks the forward's and dQ's tiles: other tile shapes put the band's edges
     and the ragged ends elsewhere, and the rule must still hold."""
-    case = Case(1, 2, 1, 97, 75, 40, BF16, causal=True, window=(20, 0), alibi=True)
-    q, k, options = make_inputs(case, device)
+    case = AttentionCase(1, 2, 1, 97, 75, 40, dtype=BF16, causal=True, window=(20, 0), alibi="batch")
+    q, k, options = q_k_options(case, device)
     with fused_attn.override_configs(configs):
         stats = fused_attn.attention_stats(q, k, **options)
     check_stats(case, device, stats)
@@ -292,8 +238,8 @@ def test_stats_do_not_depend_on_tile_shapes(configs: AttentionConfigs, device: s
 def test_inputs_unchanged_and_results_deterministic(device: str) -> None:
     """Head dim 64 and contiguous inputs, so the kernels read the caller's own tensors (no padded
     copy): nothing may be written to them, and two identical calls give identical bits."""
-    case = Case(2, 2, 1, 40, 70, 64, FP16, causal=True, alibi=True, mask="float")
-    q, k, options = make_inputs(case, device)
+    case = AttentionCase(2, 2, 1, 40, 70, 64, dtype=FP16, causal=True, alibi="batch", mask="float")
+    q, k, options = q_k_options(case, device)
     lse = fused_lse(q, k, options)
     rows, heads = torch.tensor([5, -1, 5, 0], device=device), torch.tensor([1, 0], device=device)
     tensors = {"q": q, "k": k, "lse": lse, "rows": rows, "heads": heads,
@@ -314,8 +260,8 @@ def test_inputs_unchanged_and_results_deterministic(device: str) -> None:
 def test_strided_inputs_match_contiguous(device: str) -> None:
     """q and k seen through (B, S, H, D).transpose(1, 2), a non-contiguous lse and a broadcast
     mask read the same values as contiguous copies: the same bits come out."""
-    case = Case(1, 2, 1, 33, 70, 64, BF16, window=(10, 5), mask="bool")
-    q, k, options = make_inputs(case, device)
+    case = AttentionCase(1, 2, 1, 33, 70, 64, dtype=BF16, window=(10, 5), mask="bool")
+    q, k, options = q_k_options(case, device)
     lse = fused_lse(q, k, options)
     mask = options["attn_mask"]
     strided = {
@@ -545,4 +491,4 @@ def test_long_causal_sequence_cpu_twin(device: str) -> None:
 @pytest.mark.gpu
 def test_long_causal_sequence_64k() -> None:
     """65536 tokens, two heads: where S x S float32 would be 32 GiB."""
-    check_long_causal_sequence(65536, 2, "cuda")
+    check_long_causal_sequence(65536, 2, GPU)
