@@ -47,9 +47,9 @@ def assert_png(path: Path, min_bytes: int = 2000) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------ plot module
-def test_heatmap_writes_png_of_attention_probs(tmp_path):
+def test_heatmap_writes_png_of_attention_probs(tmp_path, device):
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    q, k, v = (t.to(device) for t in (torch.randn(1, 2, 6, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)))
     _, lse = fused_attn.attention(q, k, v, return_lse=True)
     probs = fused_attn.attention_probs(q, k, lse, heads=[1])
     path = fused_attn.plot.heatmap(probs[0, 0], tmp_path / "sub" / "map.png", row_labels=list("abcdef"),
@@ -61,9 +61,9 @@ def test_heatmap_writes_png_of_attention_probs(tmp_path):
     assert_png(fused_attn.plot.heatmap([[0.5, 0.5], [1.0, 0.0]], str(tmp_path / "list.png")))
 
 
-def test_received_writes_png_of_attention_stats(tmp_path):
+def test_received_writes_png_of_attention_stats(tmp_path, device):
     torch.manual_seed(0)
-    q, k = torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    q, k = torch.randn(1, 2, 12, 16).to(device), torch.randn(1, 2, 12, 16).to(device)
     stats = fused_attn.attention_stats(q, k, causal=True)
     path = fused_attn.plot.received(stats.received[0, 0], tmp_path / "received.png",
                                     labels=[f"w{i}" for i in range(12)], title="received")
