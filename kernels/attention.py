@@ -232,6 +232,75 @@ def _rows_descriptor(base, rows, cols, stride_row, BLOCK_ROWS: tl.constexpr, BLO
 
 
 @triton.jit
+def _head_base(ptr, batch, head, stride_batch, stride_head, first_row=0, stride_row=0):
+    """Address of row `first_row` of the (batch, head) matrix of a (batch, head, row, ...) tensor, in
+    64-bit offsets (the tensor may hold more than 2**31 elements)."""
+    base = ptr + batch.to(tl.int64) * stride_batch + head.to(tl.int64) * stride_head
+    return base + tl.cast(first_row, tl.int64) * stride_row
+
+
+@triton.jit
+def _load_tile(ptrs, desc, start, rows, cols, num_rows, num_cols,
+               MASKED: tl.constexpr, EVEN_COLS: tl.constexpr, USE_TMA: tl.constexpr):
+    """The tile of rows `rows` (the first is `start`) and columns `cols` of a (num_rows, num_cols)
+    matrix, with zeros past its end: zeros times garbage could be NaN in the dots. Read from
+    `ptrs`, checking the rows only in a MASKED loop (the others never cross num_rows) and the
+    columns unless EVEN_COLS (the head dim is its block); or as a box of the TMA descriptor `desc`,
+    which the copy engine zero-fills past both ends."""
+    if USE_TMA:
+        tile = desc.load([start, 0])
+    elif MASKED:
+        tile = tl.load(ptrs, mask=(rows < num_rows)[:, None] & (cols[None, :] < num_cols), other=0.0)
+    elif EVEN_COLS:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=cols[None, :] < num_cols, other=0.0)
+    return tile
+
+
+@triton.jit
+def _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h, stride_alibi_b, HAS_ALIBI: tl.constexpr):
+    """(bias_base, alibi_slope_log2): what _scores reads for one (batch, query head)."""
+    bias_base = _head_base(BIAS, batch, head, stride_bias_b, stride_bias_h)
+    alibi_slope_log2 = 0.0
+    if HAS_ALIBI:
+        alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
+    return bias_base, alibi_slope_log2
+
+
+@triton.jit
+def _query_tile(CU_SEQLENS_Q, CU_SEQLENS_K, num_heads_q, group_size, seq_q, seq_k,
+                BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The start-up of the forward and dQ programs, one per BLOCK_M queries of one (batch, query
+    head): (batch, head, head_kv, start_m) and the sequence as _sequence gives it. Later query tiles
+    do the most causal work, so the first programs take them. With IS_VARLEN, start_m may lie past
+    this sequence (the grid is sized for the longest one): the caller returns then."""
+    pid = tl.program_id(0)
+    num_m_tiles = tl.cdiv(seq_q, BLOCK_M)
+    tile_m = num_m_tiles - 1 - pid % num_m_tiles
+    batch_head = pid // num_m_tiles
+    batch = batch_head // num_heads_q
+    head = batch_head % num_heads_q
+    head_kv = head // group_size
+    start_m = tile_m * BLOCK_M
+    q_start, seq_q, k_start, seq_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, seq_q, seq_k, IS_VARLEN)
+    return batch, head, head_kv, start_m, q_start, seq_q, k_start, seq_k
+
+
+@triton.jit
+def _key_value_streams(K, V, batch, head_kv, k_start, seq_k, head_dim, head_dim_v,
+                       stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, USE_TMA: tl.constexpr):
+    """(k_base, v_base, k_desc, v_desc): the keys and values that the forward and dQ loops stream,
+    from the sequence's first key, as pointers and as TMA descriptors (see _rows_descriptor)."""
+    k_base = _head_base(K, batch, head_kv, stride_kb, stride_kh, k_start, stride_kn)
+    v_base = _head_base(V, batch, head_kv, stride_vb, stride_vh, k_start, stride_vn)
+    k_desc = _rows_descriptor(k_base, seq_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, USE_TMA)
+    v_desc = _rows_descriptor(v_base, seq_k, head_dim_v, stride_vn, BLOCK_N, BLOCK_DV, USE_TMA)
+    return k_base, v_base, k_desc, v_desc
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
                     bias_base, stride_bias_m, stride_bias_n, alibi_slope_log2,
                     offs_m, offs_n, offs_d, offs_dv, tile_start, tile_end,
@@ -248,14 +317,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn,
         cols = start_n + offs_n
         k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kn + k_offsets
         v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offsets
-        if USE_TMA:  # the copy engine zero-fills rows past seq_k and columns past head_dim
-            k = k_desc.load([start_n, 0])
-        elif MASKED:
-            k = tl.load(k_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+        k = _load_tile(k_ptrs, k_desc, start_n, cols, offs_d, seq_k, head_dim, MASKED, EVEN_D, USE_TMA)
         s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
         # tl.max skips NaN (on the GPU and in the interpreter), so m is never NaN; a NaN score still
         # makes p, l and acc NaN below. A row whose keys so far are all -inf keeps m = -inf:
@@ -280,15 +342,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn,
         alpha = tl.math.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
-        if USE_TMA:
-            v = v_desc.load([start_n, 0])
-        elif MASKED:
-            # Rows past seq_k load as 0: 0 * garbage could be NaN otherwise.
-            v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_dv[None, :] < head_dim_v), other=0.0)
-        elif EVEN_DV:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+        v = _load_tile(v_ptrs, v_desc, start_n, cols, offs_dv, seq_k, head_dim_v, MASKED, EVEN_DV, USE_TMA)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(dropout_seed, batch, head, offs_m[:, None], cols[None, :], dropout_p), p, 0.0)
         acc = _dot(_cast(p, v.dtype, EMULATE_BF16), v, acc, EMULATE_BF16, INPUT_PRECISION)
@@ -318,31 +372,20 @@ def _attn_fwd(
     """One program computes one BLOCK_M tile of queries of one (batch, query head). With HAS_SINKS,
     SINKS holds one float32 logit per query head that joins every row's softmax denominator and
     attends to nothing (a learnable attention sink)."""
-    pid = tl.program_id(0)
-    num_m_tiles = tl.cdiv(seq_q, BLOCK_M)
-    # Later query tiles do the most causal work: launch them first.
-    tile_m = num_m_tiles - 1 - pid % num_m_tiles
-    batch_head = pid // num_m_tiles
-    batch = batch_head // num_heads_q
-    head = batch_head % num_heads_q
-    head_kv = head // group_size
-    start_m = tile_m * BLOCK_M
-    q_start, seq_q, k_start, seq_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, seq_q, seq_k, IS_VARLEN)
+    batch, head, head_kv, start_m, q_start, seq_q, k_start, seq_k = _query_tile(
+        CU_SEQLENS_Q, CU_SEQLENS_K, num_heads_q, group_size, seq_q, seq_k, BLOCK_M, IS_VARLEN)
     if IS_VARLEN:
         if start_m >= seq_q:  # the grid is sized for the longest sequence
             return
-
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + (q_start + start_m).to(tl.int64) * stride_qm
-    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
-    v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
-    o_base = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + (q_start + start_m).to(tl.int64) * stride_om
-    lse_base = LSE + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
-    bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
-    alibi_slope_log2 = 0.0
-    if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
-    k_desc = _rows_descriptor(k_base, seq_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, USE_TMA)
-    v_desc = _rows_descriptor(v_base, seq_k, head_dim_v, stride_vn, BLOCK_N, BLOCK_DV, USE_TMA)
+    # At the tile's first row, so that its rows are 32-bit offsets.
+    q_base = _head_base(Q, batch, head, stride_qb, stride_qh, q_start + start_m, stride_qm)
+    o_base = _head_base(O, batch, head, stride_ob, stride_oh, q_start + start_m, stride_om)
+    lse_base = _head_base(LSE, batch, head, stride_lse_b, stride_lse_h) + q_start
+    bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
+                                                stride_alibi_b, HAS_ALIBI)
+    k_base, v_base, k_desc, v_desc = _key_value_streams(
+        K, V, batch, head_kv, k_start, seq_k, head_dim, head_dim_v, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
 
     offs_tile_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_tile_m
@@ -429,10 +472,10 @@ def _attn_bwd_preprocess(
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < seq_q) & (offs_dv[None, :] < head_dim_v)
-    o = tl.load(O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-                + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], mask=mask, other=0.0)
+    o = tl.load(_head_base(O, batch, head, stride_ob, stride_oh) + offs_m[:, None].to(tl.int64) * stride_om
+                + offs_dv[None, :], mask=mask, other=0.0)
+    do = tl.load(_head_base(DO, batch, head, stride_dob, stride_doh) + offs_m[:, None].to(tl.int64) * stride_dom
+                 + offs_dv[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     row_offsets = batch_head.to(tl.int64) * seq_q + offs_m
     row_ok = offs_m < seq_q
@@ -466,30 +509,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_log
         # Rows past seq_q load as zeros (q, do, delta) and their scores are -inf (CHECK_ROWS), so
         # their p is exactly 0 and they add nothing to dK and dV, whatever k holds. Keys past
         # seq_k need no check: their rows of dK and dV are never stored, and p <= 1 cannot overflow.
-        if USE_TMA:  # zero-filled past seq_q and the head dims, as the masked loads below
-            q = q_desc.load([start_m, 0])
-            do = do_desc.load([start_m, 0])
-            if MASKED:
-                rows = offs_m < seq_q
-                lse_log2 = tl.load(lse_log2_base + offs_m, mask=rows, other=0.0)
-                delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
-            else:
-                lse_log2 = tl.load(lse_log2_base + offs_m)
-                delta = tl.load(delta_base + offs_m)
-        elif MASKED:
-            rows = offs_m < seq_q
-            q = tl.load(q_ptrs, mask=rows[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-            do = tl.load(do_ptrs, mask=rows[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-            lse_log2 = tl.load(lse_log2_base + offs_m, mask=rows, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
-        elif EVEN_D and EVEN_DV:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse_log2 = tl.load(lse_log2_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
+        q = _load_tile(q_ptrs, q_desc, start_m, offs_m, offs_d, seq_q, head_dim, MASKED, EVEN_D, USE_TMA)
+        do = _load_tile(do_ptrs, do_desc, start_m, offs_m, offs_dv, seq_q, head_dim_v, MASKED, EVEN_DV, USE_TMA)
+        if MASKED:
+            lse_log2 = tl.load(lse_log2_base + offs_m, mask=offs_m < seq_q, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)
         else:
-            q = tl.load(q_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
-            do = tl.load(do_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
             lse_log2 = tl.load(lse_log2_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         s_t = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
@@ -557,8 +582,8 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < seq_k
-    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
-    v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
+    k_base = _head_base(K, batch, head_kv, stride_kb, stride_kh, k_start, stride_kn)
+    v_base = _head_base(V, batch, head_kv, stride_vb, stride_vh, k_start, stride_vn)
     k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                 mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
@@ -570,17 +595,15 @@ def _attn_bwd_dkdv(
                                                     BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     for group_member in range(0, group_size):
         head = head_kv * group_size + group_member
-        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
-        do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
-        lse_log2_base = LSE_LOG2 + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
-        delta_base = DELTA + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
+        q_base = _head_base(Q, batch, head, stride_qb, stride_qh, q_start, stride_qm)
+        do_base = _head_base(DO, batch, head, stride_dob, stride_doh, q_start, stride_dom)
+        lse_log2_base = _head_base(LSE_LOG2, batch, head, stride_lse_b, stride_lse_h) + q_start
+        delta_base = _head_base(DELTA, batch, head, stride_lse_b, stride_lse_h) + q_start
         q_desc = _rows_descriptor(q_base, seq_q, head_dim, stride_qm, BLOCK_M, BLOCK_D, USE_TMA)
         do_desc = _rows_descriptor(do_base, seq_q, head_dim_v, stride_dom, BLOCK_M, BLOCK_DV, USE_TMA)
-        bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
+        bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
+                                                    stride_alibi_b, HAS_ALIBI)
         dbias_base = DBIAS + (batch * num_heads_q + head).to(tl.int64) * seq_q * seq_k
-        alibi_slope_log2 = 0.0
-        if HAS_ALIBI:
-            alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
         if LIMIT_RIGHT:  # query tiles crossing the band's right edge (the causal diagonal)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_log2_base, delta_base, stride_qm, stride_dom,
@@ -608,8 +631,8 @@ def _attn_bwd_dkdv(
     dk = dk * scale
     store_k = col_ok[:, None] & (offs_d[None, :] < head_dim)
     store_v = col_ok[:, None] & (offs_dv[None, :] < head_dim_v)
-    dk_base = DK + batch.to(tl.int64) * stride_dkb + head_kv.to(tl.int64) * stride_dkh + tl.cast(k_start, tl.int64) * stride_dkn
-    dv_base = DV + batch.to(tl.int64) * stride_dvb + head_kv.to(tl.int64) * stride_dvh + tl.cast(k_start, tl.int64) * stride_dvn
+    dk_base = _head_base(DK, batch, head_kv, stride_dkb, stride_dkh, k_start, stride_dkn)
+    dv_base = _head_base(DV, batch, head_kv, stride_dvb, stride_dvh, k_start, stride_dvn)
     tl.store(dk_base + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
              _cast(dk, DK.dtype.element_ty, EMULATE_BF16), mask=store_k)
     tl.store(dv_base + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :],
@@ -633,18 +656,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, k_desc, v_des
         cols = start_n + offs_n
         k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kn + k_offsets
         v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offsets
-        if USE_TMA:  # zero-filled past seq_k and the head dims, as the masked loads below
-            k = k_desc.load([start_n, 0])
-            v = v_desc.load([start_n, 0])
-        elif MASKED:
-            k = tl.load(k_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
-            v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_dv[None, :] < head_dim_v), other=0.0)
-        elif EVEN_D and EVEN_DV:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+        k = _load_tile(k_ptrs, k_desc, start_n, cols, offs_d, seq_k, head_dim, MASKED, EVEN_D, USE_TMA)
+        v = _load_tile(v_ptrs, v_desc, start_n, cols, offs_dv, seq_k, head_dim_v, MASKED, EVEN_DV, USE_TMA)
         s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
         qk, tanh_s = _scores(s, offs_m[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
                              softcap_out_log2, alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n,
@@ -682,15 +695,8 @@ def _attn_bwd_dq(
     IS_VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     """One program computes dQ for one BLOCK_M tile of queries of one (batch, query head)."""
-    pid = tl.program_id(0)
-    num_m_tiles = tl.cdiv(seq_q, BLOCK_M)
-    tile_m = num_m_tiles - 1 - pid % num_m_tiles
-    batch_head = pid // num_m_tiles
-    batch = batch_head // num_heads_q
-    head = batch_head % num_heads_q
-    head_kv = head // group_size
-    start_m = tile_m * BLOCK_M
-    q_start, seq_q, k_start, seq_k = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, seq_q, seq_k, IS_VARLEN)
+    batch, head, head_kv, start_m, q_start, seq_q, k_start, seq_k = _query_tile(
+        CU_SEQLENS_Q, CU_SEQLENS_K, num_heads_q, group_size, seq_q, seq_k, BLOCK_M, IS_VARLEN)
     if IS_VARLEN:
         if start_m >= seq_q:  # the grid is sized for the longest sequence
             return
@@ -700,10 +706,10 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < seq_q
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
-    do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
-    lse_log2_base = LSE_LOG2 + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
-    delta_base = DELTA + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
+    q_base = _head_base(Q, batch, head, stride_qb, stride_qh, q_start, stride_qm)
+    do_base = _head_base(DO, batch, head, stride_dob, stride_doh, q_start, stride_dom)
+    lse_log2_base = _head_base(LSE_LOG2, batch, head, stride_lse_b, stride_lse_h) + q_start
+    delta_base = _head_base(DELTA, batch, head, stride_lse_b, stride_lse_h) + q_start
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :],
@@ -711,14 +717,11 @@ def _attn_bwd_dq(
     # Rows past seq_q (never stored) get lse +inf, so their p is 0 rather than an overflow.
     lse_log2 = tl.load(lse_log2_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
-    alibi_slope_log2 = 0.0
-    if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
-    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
-    v_base = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
-    k_desc = _rows_descriptor(k_base, seq_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, USE_TMA)
-    v_desc = _rows_descriptor(v_base, seq_k, head_dim_v, stride_vn, BLOCK_N, BLOCK_DV, USE_TMA)
+    bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
+                                                stride_alibi_b, HAS_ALIBI)
+    k_base, v_base, k_desc, v_desc = _key_value_streams(
+        K, V, batch, head_kv, k_start, seq_k, head_dim, head_dim_v, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, unmasked_lo, unmasked_hi, hi = _key_range(start_m, seq_q, seq_k, window_left, window_right,
@@ -744,7 +747,7 @@ def _attn_bwd_dq(
         EVEN_DV, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, USE_TMA)
 
     dq = dq * scale
-    dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + tl.cast(q_start, tl.int64) * stride_dqm
+    dq_base = _head_base(DQ, batch, head, stride_dqb, stride_dqh, q_start, stride_dqm)
     tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], _cast(dq, DQ.dtype.element_ty, EMULATE_BF16),
              mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
 
@@ -802,26 +805,21 @@ def _attn_probs(
     rows = tl.load(ROWS + slots, mask=slot_ok, other=0)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=slot_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    k = tl.load(K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-                + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
-    alibi_slope_log2 = 0.0
-    if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
-    bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
+    q = tl.load(_head_base(Q, batch, head, stride_qb, stride_qh) + rows[:, None].to(tl.int64) * stride_qm
+                + offs_d[None, :], mask=slot_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    k = tl.load(_head_base(K, batch, head_kv, stride_kb, stride_kh) + cols[:, None].to(tl.int64) * stride_kn
+                + offs_d[None, :], mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
+    bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
+                                                stride_alibi_b, HAS_ALIBI)
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
     qk, _ = _scores(s, rows[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in, softcap_out_log2,
                     alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n, window_left, window_right,
                     True, False, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP)
-    lse = tl.load(LSE + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + rows,
-                  mask=slot_ok, other=0.0)
+    lse = tl.load(_head_base(LSE, batch, head, stride_lse_b, stride_lse_h) + rows, mask=slot_ok, other=0.0)
     lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # a row with no key: p = 0
     p = _probs(qk, lse_log2[:, None])
-    tl.store(P + batch.to(tl.int64) * stride_pb + head_slot.to(tl.int64) * stride_ph
-             + slots[:, None].to(tl.int64) * stride_pm + cols[None, :], p,
+    tl.store(_head_base(P, batch, head_slot, stride_pb, stride_ph) + slots[:, None].to(tl.int64) * stride_pm
+             + cols[None, :], p,
              mask=slot_ok[:, None] & (cols[None, :] < seq_k))
 
 
@@ -855,14 +853,11 @@ def _attn_row_stats(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seq_q
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-    bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
-    alibi_slope_log2 = 0.0
-    if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
+    q = tl.load(_head_base(Q, batch, head, stride_qb, stride_qh) + offs_m[:, None].to(tl.int64) * stride_qm
+                + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    k_base = _head_base(K, batch, head_kv, stride_kb, stride_kh)
+    bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
+                                                stride_alibi_b, HAS_ALIBI)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -926,15 +921,12 @@ def _attn_col_sums(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_tile_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = tl.load(K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-                + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k = tl.load(_head_base(K, batch, head_kv, stride_kb, stride_kh) + offs_n[:, None].to(tl.int64) * stride_kn
+                + offs_d[None, :], mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
+    q_base = _head_base(Q, batch, head, stride_qb, stride_qh)
     lse_base = LSE + batch_head.to(tl.int64) * seq_q
-    bias_base = BIAS + batch.to(tl.int64) * stride_bias_b + head.to(tl.int64) * stride_bias_h
-    alibi_slope_log2 = 0.0
-    if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
+    bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
+                                                stride_alibi_b, HAS_ALIBI)
     received = tl.zeros([BLOCK_N], dtype=tl.float32)
     lo, unmasked_lo, unmasked_hi, hi = _query_range(start_n, seq_q, seq_k, window_left, window_right, BLOCK_M,
                                                     BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
