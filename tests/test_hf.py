@@ -4,7 +4,8 @@ dropout, the reference given the kernels' masks): Llama, BERT, BART, Gemma 2 (so
 window), Mistral (sliding window), KV caches dynamic and static, packed sequences; and one test
 per way a call could otherwise go wrong: attention sinks, position biases, top-k indices, keyword
 arguments the kernels do not apply, masks with packed sequences, models that compute attention
-themselves, weights with dropout or sinks. tests/test_hf_models.py runs every architecture of docs/hf-architectures.md."""
+themselves, weights with dropout or sinks. tests/test_hf_models.py runs every architecture of
+docs/hf-architectures.md."""
 from __future__ import annotations
 
 import copy
