@@ -371,6 +371,9 @@ def _window_bound(size: int, seq_q: int, seq_k: int) -> int:
 _SCORE_FLAGS = ("LIMIT_LEFT", "LIMIT_RIGHT", "BIAS_KIND", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN")
 
 
+_BIAS_STRIDES = ("stride_bias_b", "stride_bias_h", "stride_bias_m", "stride_bias_n")
+
+
 def _score_arguments(params: AttentionParams, q: torch.Tensor, seq_q: int, seq_k: int) -> dict[str, object]:
     """Every kernel argument that describes how scores are formed (mask, ALiBi, softcap, window,
     dropout, packing), by the kernels' parameter names, with the constexpr flags that go with
@@ -403,9 +406,6 @@ def _score_arguments(params: AttentionParams, q: torch.Tensor, seq_q: int, seq_k
     }
 
 
-_BIAS_STRIDES = ("stride_bias_b", "stride_bias_h", "stride_bias_m", "stride_bias_n")
-
-
 def _score_flags(arguments: dict[str, object]) -> tuple[tuple[str, object], ...]:
     return tuple((name, arguments[name]) for name in _SCORE_FLAGS)
 
@@ -415,7 +415,7 @@ def _variant_key(arguments: dict[str, object]) -> str:
 
 
 def _run_kernel(kernel: JITFunction, programs: int, shared: dict[str, object], cfg: KernelConfig | None = None,
-            **arguments: object) -> None:
+                **arguments: object) -> None:
     """kernel[grid](...) by keyword: `arguments`, the entries of `shared` (score arguments and
     flags common to several kernels) that this kernel names, and cfg's launch options."""
     names = _parameter_names(kernel)
