@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from fused_attn.kernels.attention import OPTIONAL_POINTERS
 from fused_attn.kernels.configs import (ACCEPTED_FAILURES, UNVETTED_ROWS, CAPABILITIES, HEAD_DIM_BUCKETS,
                                         KERNELS as TABLE_KERNELS, TARGETS, TMA_KERNELS, TMA_MIN_HEAD_DIM, VARIANTS as TABLE_VARIANTS,
                                         AttentionConfigs, KernelConfig, all_candidates, all_configs,
@@ -85,7 +86,7 @@ FMA_FLOP_PER_CLOCK: dict[int, int] = {75: 128, 80: 128, 86: 256, 90: 256, 100: 2
 
 # Bump when the analysis of a compiled kernel changes (what find_hot_loop, _mma_flops, _signature
 # or _constexprs compute): cached rows and the committed report's fingerprint carry it.
-REPORT_VERSION = 3
+REPORT_VERSION = 4
 ENV_ERROR_EXIT = 3
 DEFAULT_KERNEL_MODULE = "fused_attn.kernels.attention"
 VARIANTS: tuple[str, ...] = ("aligned", "unaligned")
@@ -395,16 +396,19 @@ def build_variant_jobs(capabilities: Sequence[int] = (80, 90), head_dims: Sequen
     return jobs
 
 
-def _signature(fn: Any, dtype: str, variant: str = DEFAULT_VARIANT
+def _signature(fn: Any, dtype: str, constexprs: Mapping[str, Any], variant: str = DEFAULT_VARIANT
                ) -> tuple[dict[str, str], dict[tuple[int, ...], list[list[Any]]]]:
     """Types of every argument, as the launcher passes them, and the divisibility hints that
     `JITFunction._pack_args` derives at launch: 16-byte aligned pointers (torch allocations) and,
-    in the aligned variant, strides and head dims that are multiples of 16."""
+    in the aligned variant, strides and head dims that are multiples of 16. An optional pointer
+    whose flag is off in `constexprs` is None at launch, which Triton specializes as a constexpr
+    (`_absent_pointers` gives their values)."""
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    absent = _absent_pointers(fn, constexprs)
     for index, param in enumerate(fn.params):
         name = param.name
-        if param.is_constexpr:
+        if param.is_constexpr or name in absent:
             signature[name] = "constexpr"
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
@@ -423,6 +427,13 @@ def _signature(fn: Any, dtype: str, variant: str = DEFAULT_VARIANT
             if variant == "aligned" and name.startswith(("stride_", "head_dim")) and name not in _UNALIGNED_STRIDES:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, attrs
+
+
+def _absent_pointers(fn: Any, constexprs: Mapping[str, Any]) -> dict[str, None]:
+    """{pointer: None} for the optional pointers of `fn` whose flag is off: the launcher passes None."""
+    return {param.name: None for param in fn.params
+            if param.name in OPTIONAL_POINTERS and OPTIONAL_POINTERS[param.name] in constexprs
+            and not constexprs[OPTIONAL_POINTERS[param.name]]}
 
 
 # Constexprs the launcher sets only under the Triton interpreter (bf16 emulation): off on the GPU.
@@ -549,7 +560,8 @@ def compile_one(job: CompileJob, kernel_module: str = DEFAULT_KERNEL_MODULE,
 
     report = KernelReport(job=job, shared_limit=SHARED_MEMORY_LIMITS[job.capability])
     fn = getattr(_kernel_module(kernel_module), _KERNEL_FUNCTIONS[job.kernel])
-    signature, attrs = _signature(fn, job.dtype, job.variant)
+    constexprs = _constexprs(fn, job)
+    signature, attrs = _signature(fn, job.dtype, constexprs, job.variant)
     options: dict[str, Any] = {"num_warps": job.num_warps}
     if job.num_stages is not None:
         options["num_stages"] = job.num_stages
@@ -557,7 +569,8 @@ def compile_one(job: CompileJob, kernel_module: str = DEFAULT_KERNEL_MODULE,
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
-            source = ASTSource(fn=fn, signature=signature, constexprs=_constexprs(fn, job), attrs=attrs)
+            source = ASTSource(fn=fn, signature=signature, constexprs={**constexprs, **_absent_pointers(fn, constexprs)},
+                               attrs=attrs)
             compiled = triton.compile(source, target=GPUTarget("cuda", job.capability, 32), options=options)
     except Exception as exc:  # noqa: BLE001 - any compile failure is a failed row, not a crash
         report.compile_seconds = time.perf_counter() - start

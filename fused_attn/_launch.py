@@ -374,11 +374,11 @@ _SCORE_FLAGS = ("LIMIT_LEFT", "LIMIT_RIGHT", "BIAS_KIND", "HAS_ALIBI", "HAS_SOFT
 _BIAS_STRIDES = ("stride_bias_b", "stride_bias_h", "stride_bias_m", "stride_bias_n")
 
 
-def _score_arguments(params: AttentionParams, q: torch.Tensor, seq_q: int, seq_k: int) -> dict[str, object]:
+def _score_arguments(params: AttentionParams, seq_q: int, seq_k: int) -> dict[str, object]:
     """Every kernel argument that describes how scores are formed (mask, ALiBi, softcap, window,
     dropout, packing), by the kernels' parameter names, with the constexpr flags that go with
-    them; each kernel takes the ones it names (`_run_kernel`). `q` stands in for absent pointers
-    (never read: their flag is off). seq_q, seq_k: the (longest) lengths, which bound the window
+    them; each kernel takes the ones it names (`_run_kernel`). Absent pointers are None (their
+    flag is off, so no kernel reads them). seq_q, seq_k: the (longest) lengths, which bound the window
     sizes that matter. BIAS_KIND: 0 none, 1 float added to the scores, 2 bool (True attends)."""
     window_left = _window_bound(params.window_left, seq_q, seq_k)
     window_right = _window_bound(params.window_right, seq_q, seq_k)
@@ -388,12 +388,12 @@ def _score_arguments(params: AttentionParams, q: torch.Tensor, seq_q: int, seq_k
     softcap = params.softcap
     dropout = params.dropout_p > 0
     return {
-        "BIAS": q if bias is None else bias,
+        "BIAS": bias,
         **({name: 0 for name in _BIAS_STRIDES} if bias is None else _strides(bias, _BIAS_STRIDES)),
-        "ALIBI": q if slopes is None else slopes,
+        "ALIBI": slopes,
         "stride_alibi_b": slopes.stride(0) if slopes is not None and slopes.dim() == 2 else 0,
-        "CU_SEQLENS_Q": params.cu_seqlens_q.contiguous() if params.is_varlen else q,
-        "CU_SEQLENS_K": params.cu_seqlens_k.contiguous() if params.is_varlen else q,
+        "CU_SEQLENS_Q": params.cu_seqlens_q.contiguous() if params.is_varlen else None,
+        "CU_SEQLENS_K": params.cu_seqlens_k.contiguous() if params.is_varlen else None,
         "window_left": window_left, "window_right": window_right,
         "softcap_in": params.scale / softcap if softcap > 0 else 0.0,
         "softcap_out_log2": softcap * math.log2(math.e),
@@ -421,9 +421,12 @@ def _run_kernel(kernel: JITFunction, programs: int, shared: dict[str, object], c
     names = _parameter_names(kernel)
     unknown = set(arguments) - names
     assert not unknown, f"{kernel.__name__} has no parameter(s) {sorted(unknown)}"
+    arguments = {**{name: value for name, value in shared.items() if name in names}, **arguments}
+    for pointer, flag in _kernels.OPTIONAL_POINTERS.items():
+        if pointer in names and flag in names:  # an absent pointer is None, and only then is its flag off
+            assert (arguments[pointer] is None) == (not arguments.get(flag, False)), (kernel.__name__, pointer, flag)
     options = {} if cfg is None else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    kernel[_grid(programs)](**{name: value for name, value in shared.items() if name in names}, **arguments,
-                            **options)
+    kernel[_grid(programs)](**arguments, **options)
 
 
 @functools.lru_cache(maxsize=None)
@@ -480,7 +483,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params:
         return o.zero_(), lse
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     o = _empty_like_layout(q, (q.shape[0], heads_q, seq_q, v.shape[3]), q.dtype)
-    scores = _score_arguments(params, q, max_q, max_k)
+    scores = _score_arguments(params, max_q, max_k)
     dims = _head_dims(q, v)
     key = _variant_key(scores)
     tma = use_tma(q, "forward", max(q.shape[3], v.shape[3]), key)
@@ -489,7 +492,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params:
 
     def launch(cfg: KernelConfig) -> None:
         _run_kernel(_kernels._attn_fwd, triton.cdiv(max_q, cfg.block_m) * batch * heads_q, scores, cfg,
-                Q=q, K=k, V=v, O=o, LSE=lse, SINKS=lse if sinks is None else sinks,
+                Q=q, K=k, V=v, O=o, LSE=lse, SINKS=sinks,
                 **_bhs_strides(q, "q", "m"), **_bhs_strides(k, "k", "n"), **_bhs_strides(v, "v", "n"),
                 **_bhs_strides(o, "o", "m"), **_lse_strides(q, params),
                 num_heads_q=heads_q, group_size=heads_q // heads_kv, seq_q=max_q, seq_k=max_k,
@@ -541,12 +544,12 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         dlse = dlse.to(torch.float32).contiguous()
     pre_block = preprocess_block_m(dims["BLOCK_DV"], q.element_size())
     _run_kernel(_kernels._attn_bwd_preprocess, triton.cdiv(seq_q, pre_block) * q.shape[0] * heads_q, {},
-            O=o, DO=do, LSE=lse, DLSE=lse if dlse is None else dlse, DELTA=delta, LSE_LOG2=lse_log2,
+            O=o, DO=do, LSE=lse, DLSE=dlse, DELTA=delta, LSE_LOG2=lse_log2,
             **_bhs_strides(o, "o", "m"), **_bhs_strides(do, "do", "m"), num_heads_q=heads_q, seq_q=seq_q,
             head_dim_v=v.shape[3], BLOCK_M=pre_block, BLOCK_DV=dims["BLOCK_DV"], HAS_DLSE=dlse is not None)
     dsinks = None if sinks is None else _sink_grad(sinks, lse, delta, params.is_varlen)
 
-    scores = _score_arguments(params, q, max_q, max_k)
+    scores = _score_arguments(params, max_q, max_k)
     key = _variant_key(scores)
     tma_dkdv, tma_dq = (use_tma(q, kernel, max(q.shape[3], v.shape[3]), key)
                         for kernel in ("backward_dkdv", "backward_dq"))
@@ -561,7 +564,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     def launch_dkdv(cfg: KernelConfig) -> None:
         _run_kernel(_kernels._attn_bwd_dkdv, triton.cdiv(max_k, cfg.block_n) * batch * heads_kv, {**scores, **common},
                 cfg, DK=dk, DV=dv, **_bhs_strides(dk, "dk", "n"), **_bhs_strides(dv, "dv", "n"),
-                DBIAS=lse if dbias is None else dbias, STORE_DBIAS=dbias is not None, num_heads_kv=heads_kv,
+                DBIAS=dbias, STORE_DBIAS=dbias is not None, num_heads_kv=heads_kv,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=tma_dkdv)
 
     def launch_dq(cfg: KernelConfig) -> None:
@@ -607,7 +610,7 @@ def _inspection_scores(params: AttentionParams, q: torch.Tensor, seq_q: int, seq
     """The score arguments of the inspection kernels, which take no dropout and no packed input."""
     if params.dropout_p > 0 or params.is_varlen:
         raise ValueError("the inspection kernels take neither dropout nor packed input")
-    return _score_arguments(params, q, seq_q, seq_k)
+    return _score_arguments(params, seq_q, seq_k)
 
 
 @_serialized_when_interpreting
@@ -667,3 +670,4 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, params: AttentionParams
         _launch_tiled(name, _kernel_candidates(kernel, q, q.shape[3], q.shape[3], key, seq_q, seq_k), q, launch,
                       specialization)
     return lse, entropy, max_prob, received
+

@@ -37,9 +37,16 @@ fused_attn/_launch.py take them from here):
     inspection  _dropout_mask, _attn_probs, _attn_row_stats, _attn_col_sums
 They hold Triton code only.
 """
+# The pointer parameters a call may leave out, and the constexpr flag under which a kernel reads
+# each one. The launchers pass None for an absent pointer (fused_attn._launch._run_kernel checks
+# that pointer and flag agree), and bench.kernel_report compiles it as a constexpr None.
+OPTIONAL_POINTERS = {"BIAS": "BIAS_KIND", "DBIAS": "STORE_DBIAS", "ALIBI": "HAS_ALIBI",
+                     "CU_SEQLENS_Q": "IS_VARLEN", "CU_SEQLENS_K": "IS_VARLEN", "SINKS": "HAS_SINKS",
+                     "DLSE": "HAS_DLSE"}
+
 from fused_attn.kernels.backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from fused_attn.kernels.forward import _attn_fwd
 from fused_attn.kernels.inspection import _attn_col_sums, _attn_probs, _attn_row_stats, _dropout_mask
 
-__all__ = ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq",
+__all__ = ["OPTIONAL_POINTERS", "_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq",
            "_dropout_mask", "_attn_probs", "_attn_row_stats", "_attn_col_sums"]

@@ -165,8 +165,10 @@ def _attn_bwd_dkdv(
         q_desc = _rows_descriptor(q_base, seq_q, head_dim, stride_qm, BLOCK_M, BLOCK_D, USE_TMA)
         do_desc = _rows_descriptor(do_base, seq_q, head_dim_v, stride_dom, BLOCK_M, BLOCK_DV, USE_TMA)
         bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
-                                                    stride_alibi_b, HAS_ALIBI)
-        dbias_base = DBIAS + (batch * num_heads_q + head).to(tl.int64) * seq_q * seq_k
+                                                    stride_alibi_b, BIAS_KIND, HAS_ALIBI)
+        dbias_base = DBIAS  # None unless STORE_DBIAS
+        if STORE_DBIAS:
+            dbias_base = DBIAS + (batch * num_heads_q + head).to(tl.int64) * seq_q * seq_k
         if LIMIT_RIGHT:  # query tiles crossing the band's right edge (the causal diagonal)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_log2_base, delta_base, stride_qm, stride_dom,
@@ -281,7 +283,7 @@ def _attn_bwd_dq(
     lse_log2 = tl.load(lse_log2_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
     bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
-                                                stride_alibi_b, HAS_ALIBI)
+                                                stride_alibi_b, BIAS_KIND, HAS_ALIBI)
     k_base, v_base, k_desc, v_desc = _key_value_streams(
         K, V, batch, head_kv, k_start, seq_k, head_dim, head_dim_v, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)

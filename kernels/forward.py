@@ -91,7 +91,7 @@ def _attn_fwd(
     o_base = _head_base(O, batch, head, stride_ob, stride_oh, q_start + start_m, stride_om)
     lse_base = _head_base(LSE, batch, head, stride_lse_b, stride_lse_h) + q_start
     bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
-                                                stride_alibi_b, HAS_ALIBI)
+                                                stride_alibi_b, BIAS_KIND, HAS_ALIBI)
     k_base, v_base, k_desc, v_desc = _key_value_streams(
         K, V, batch, head_kv, k_start, seq_k, head_dim, head_dim_v, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)

@@ -69,7 +69,7 @@ def _attn_probs(
     k = tl.load(_head_base(K, batch, head_kv, stride_kb, stride_kh) + cols[:, None].to(tl.int64) * stride_kn
                 + offs_d[None, :], mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
     bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
-                                                stride_alibi_b, HAS_ALIBI)
+                                                stride_alibi_b, BIAS_KIND, HAS_ALIBI)
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
     qk, _ = _scores(s, rows[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in, softcap_out_log2,
                     alibi_slope_log2, bias_base, stride_bias_m, stride_bias_n, window_left, window_right,
@@ -116,7 +116,7 @@ def _attn_row_stats(
                 + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     k_base = _head_base(K, batch, head_kv, stride_kb, stride_kh)
     bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
-                                                stride_alibi_b, HAS_ALIBI)
+                                                stride_alibi_b, BIAS_KIND, HAS_ALIBI)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -185,7 +185,7 @@ def _attn_col_sums(
     q_base = _head_base(Q, batch, head, stride_qb, stride_qh)
     lse_base = LSE + batch_head.to(tl.int64) * seq_q
     bias_base, alibi_slope_log2 = _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h,
-                                                stride_alibi_b, HAS_ALIBI)
+                                                stride_alibi_b, BIAS_KIND, HAS_ALIBI)
     received = tl.zeros([BLOCK_N], dtype=tl.float32)
     lo, unmasked_lo, unmasked_hi, hi = _query_range(start_n, seq_q, seq_k, window_left, window_right, BLOCK_M,
                                                     BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)

@@ -83,9 +83,14 @@ def _apply_bias(scores, bias_base, stride_bias_m, stride_bias_n, rows, cols, seq
 
 
 @triton.jit
-def _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h, stride_alibi_b, HAS_ALIBI: tl.constexpr):
-    """(bias_base, alibi_slope_log2): what _scores reads for one (batch, query head)."""
-    bias_base = _head_base(BIAS, batch, head, stride_bias_b, stride_bias_h)
+def _score_inputs(BIAS, ALIBI, batch, head, stride_bias_b, stride_bias_h, stride_alibi_b,
+                  BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """(bias_base, alibi_slope_log2): what _scores reads for one (batch, query head). BIAS and
+    ALIBI are None when their flag is off (then bias_base is an unused 0: a jit function cannot
+    return None)."""
+    bias_base = 0
+    if BIAS_KIND != 0:
+        bias_base = _head_base(BIAS, batch, head, stride_bias_b, stride_bias_h)
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         alibi_slope_log2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E

@@ -327,3 +327,27 @@ def test_every_variant_at_once_compiles_for_gpus() -> None:
         table_kernel = {"fwd": "forward", "dkdv": "backward_dkdv", "dq": "backward_dq"}.get(row["kernel"])
         if row["capability"] == 90 and (90, 128, 2, "all", table_kernel) not in ACCEPTED_FAILURES:
             assert row["hgmma"] > 0, _row_id(row)  # an accepted row may run HMMA (configs.ACCEPTED_FAILURES)
+
+
+_POINTER_SCRIPT = """
+import json
+from bench import kernel_report as kr
+from fused_attn.kernels import attention
+plain = kr.CompileJob(90, 64, "bf16", "fwd", 64, 64, 4, 2, "tf32")
+masked = kr.CompileJob(90, 64, "bf16", "fwd", 64, 64, 4, 2, "tf32", features=("BIAS_KIND", "HAS_SINKS"))
+out = {}
+for job in (plain, masked):
+    fn = attention._attn_fwd
+    signature, _ = kr._signature(fn, job.dtype, kr._constexprs(fn, job))
+    out[job.name] = {name: signature[name] for name in ("BIAS", "ALIBI", "SINKS", "CU_SEQLENS_Q")}
+print(json.dumps(out))
+"""
+
+
+def test_absent_optional_pointers_compile_as_constexpr_none() -> None:
+    """The compile report types an optional pointer as the launcher passes it: None (a constexpr)
+    when its flag is off, a pointer when on (kernels.attention.OPTIONAL_POINTERS pairs them)."""
+    by_job = json.loads(_run_python(_POINTER_SCRIPT))
+    plain, masked = by_job.values()
+    assert plain == {"BIAS": "constexpr", "ALIBI": "constexpr", "SINKS": "constexpr", "CU_SEQLENS_Q": "constexpr"}
+    assert masked == {"BIAS": "*bf16", "ALIBI": "constexpr", "SINKS": "*fp32", "CU_SEQLENS_Q": "constexpr"}
