@@ -61,15 +61,18 @@ _KERNEL_FUNCTIONS = {"fwd": "_attn_fwd", "preprocess": "_attn_bwd_preprocess",
                      "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq",
                      # The inspection kernels (attention_probs / attention_stats): compiled by the
                      # compile test, not part of the config table's report.
-                     "probs": "_attn_probs", "row_stats": "_attn_row_stats", "col_sums": "_attn_col_sums"}
+                     "probs": "_attn_probs", "row_stats": "_attn_row_stats", "col_sums": "_attn_col_sums",
+                     # The KV-cache kernels (attention_with_kvcache): compiled by the compile test.
+                     "decode": "_attn_decode", "decode_combine": "_attn_decode_combine"}
 DTYPES_BY_ELEMENT_SIZE: dict[int, tuple[str, ...]] = {2: ("fp16", "bf16"), 4: ("fp32",)}
 _ELEMENT_SIZES = {dtype: size for size, dtypes in DTYPES_BY_ELEMENT_SIZE.items() for dtype in dtypes}
-_POINTER_ARGS_FP32 = ("LSE", "SINKS", "DLSE", "LSE_LOG2", "DELTA", "DBIAS", "ALIBI", "P", "ENTROPY", "MAX_PROB", "RECEIVED")  # always float32, whatever q's dtype
-_POINTER_ARGS_INT32 = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "ROWS", "HEADS")
+_POINTER_ARGS_FP32 = ("LSE", "SINKS", "DLSE", "LSE_LOG2", "DELTA", "DBIAS", "ALIBI", "P", "ENTROPY", "MAX_PROB", "RECEIVED",
+                      "O_PART", "LSE_PART")  # always float32, whatever q's dtype
+_POINTER_ARGS_INT32 = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "ROWS", "HEADS", "CACHE_SEQLENS", "BLOCK_TABLE", "CACHE_BATCH_IDX")
 _FLOAT_ARGS = ("qk_scale_log2", "scale", "softcap_in", "softcap_out_log2", "dropout_p")
 _INT64_ARGS = ("dropout_seed",)
 # Strides the launcher derives from lengths or small tensors: not multiples of 16 in general.
-_UNALIGNED_STRIDES = ("stride_lse_b", "stride_lse_h", "stride_alibi_b")
+_UNALIGNED_STRIDES = ("stride_lse_b", "stride_lse_h", "stride_alibi_b", "stride_block_table_b")
 _PREPROCESS_NUM_WARPS = 4  # fused_attn/_launch.py passes none: Triton's default
 
 # Variant keys of the table (configs.VARIANTS) -> the constexprs compiled for them: the most
@@ -183,7 +186,7 @@ class CompileJob:
         if self.block_n is None:
             return None
         pairs = self.block_m * self.block_n
-        return {"fwd": 4 * pairs * d, "dkdv": 8 * pairs * d, "dq": 6 * pairs * d}.get(self.kernel)
+        return {"fwd": 4 * pairs * d, "dkdv": 8 * pairs * d, "dq": 6 * pairs * d, "decode": 4 * pairs * d}.get(self.kernel)
 
     @property
     def name(self) -> str:
@@ -452,7 +455,8 @@ def _constexprs(fn: Any, job: CompileJob) -> dict[str, Any]:
                  # The plain rows cover calls without attn_mask or variants; `features` turns them on.
                  "BIAS_KIND": 0, "STORE_DBIAS": False,
                  # what the launcher does on the target's GPUs (fused_attn._launch.use_tma)
-                 "USE_TMA": _uses_tma(job)}
+                 "USE_TMA": _uses_tma(job),
+                 "BLOCK_SPLITS": 16}  # the decode combine kernel's parts
         known.update({name: (1 if name == "BIAS_KIND" else True) for name in job.features})
     values: dict[str, Any] = {}
     for param in fn.params:

@@ -671,3 +671,104 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, params: AttentionParams
                       specialization)
     return lse, entropy, max_prob, received
 
+
+@dataclass(frozen=True)
+class KVCache:
+    """A KV cache as the decode kernel reads it (validated by fused_attn.kvcache).
+
+    Dense: k (rows, Hkv, capacity, D), v (rows, Hkv, capacity, Dv), and batch_idx, int32 (B,),
+    the row of each sequence (None: row b). Paged: k (pages, page_size, Hkv, D), v likewise with Dv,
+    and block_table, int32 (B, pages per sequence). Sequence b has seqlens[b] (int32 (B,)) + num_new
+    keys: num_new were just written in after the seqlens[b] already there."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    seqlens: torch.Tensor
+    num_new: int = 0
+    block_table: torch.Tensor | None = None
+    batch_idx: torch.Tensor | None = None
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def capacity(self) -> int:
+        """The most keys one sequence can hold."""
+        if self.block_table is not None:
+            return self.block_table.shape[1] * self.k.shape[1]
+        return self.k.shape[2]
+
+    def kernel_arguments(self) -> dict[str, object]:
+        """The kernel's cache arguments by name: rows (or pages), heads and positions (or slots)."""
+        head_axis, position_axis = (2, 1) if self.paged else (1, 2)
+        arguments: dict[str, object] = {"K_CACHE": self.k, "V_CACHE": self.v, "CACHE_SEQLENS": self.seqlens,
+                                        "num_new": self.num_new,
+                                        "BLOCK_TABLE": self.block_table, "CACHE_BATCH_IDX": self.batch_idx,
+                                        "IS_PAGED": self.paged, "HAS_BATCH_IDX": self.batch_idx is not None,
+                                        "page_size": self.k.shape[1] if self.paged else 1,
+                                        "stride_block_table_b": self.block_table.stride(0) if self.paged else 0}
+        for name, t in (("k", self.k), ("v", self.v)):
+            arguments.update({f"stride_{name}_row": t.stride(0), f"stride_{name}h": t.stride(head_axis),
+                              f"stride_{name}n": t.stride(position_axis)})
+        return arguments
+
+
+MAX_DECODE_SPLITS = 128
+
+
+def decode_splits(batch: int, heads_kv: int, query_rows: int, cache: KVCache, q: torch.Tensor) -> int:
+    """How many parts the KV-cache kernel cuts each sequence's keys into when the caller leaves it
+    open: enough programs for two waves on q's GPU, with parts of at least 4 key tiles of the
+    cache's capacity (the lengths themselves stay on the device). 1 under the interpreter.
+    Depends on the batch: pass num_splits for results that do not."""
+    if not q.is_cuda:
+        return 1
+    cfg = _configs.decode_config(query_rows, _configs.head_dim_bucket(max(q.shape[3], cache.v.shape[-1])))
+    programs = batch * heads_kv * triton.cdiv(query_rows, cfg.block_m)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    by_occupancy = triton.cdiv(2 * sms, max(programs, 1))
+    by_length = triton.cdiv(cache.capacity, 4 * cfg.block_n)
+    return max(1, min(by_occupancy, by_length, MAX_DECODE_SPLITS))
+
+
+@_serialized_when_interpreting
+def attention_decode(q: torch.Tensor, cache: KVCache, params: AttentionParams, num_splits: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 of q over each sequence's keys
+    in `cache`, the score options in `params` (window, ALiBi, softcap, sinks; no mask, dropout or
+    packing). With num_splits > 1 the keys of each sequence are cut into that many parts whose
+    partial results a second kernel merges in a fixed order."""
+    batch, heads_q, seq_q, _ = q.shape
+    heads_kv = cache.k.shape[2] if cache.paged else cache.k.shape[1]
+    head_dim_v = cache.v.shape[3]
+    o = _empty_like_layout(q, (batch, heads_q, seq_q, head_dim_v), q.dtype)
+    lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    if o.numel() == 0 and lse.numel() == 0:
+        return o, lse
+    group_size = heads_q // heads_kv
+    dims = _head_dims(q, cache.v)
+    cfg = _configs.decode_config(group_size * seq_q, max(dims["BLOCK_D"], dims["BLOCK_DV"]), interpreting())
+    split = num_splits > 1
+    o_part = lse_part = None
+    if split:
+        o_part = torch.empty((batch, heads_q, seq_q, num_splits, head_dim_v), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((batch, heads_q, seq_q, num_splits), dtype=torch.float32, device=q.device)
+    sinks = params.kernel_sinks
+    flags = _kernel_flags(q)
+    programs = batch * heads_kv * triton.cdiv(group_size * seq_q, cfg.block_m) * num_splits
+    _run_kernel(_kernels._attn_decode, programs, _score_arguments(params, seq_q, cache.capacity), cfg,
+                Q=q, O=o, LSE=lse, O_PART=o_part, LSE_PART=lse_part, SINKS=None if split else sinks,
+                **cache.kernel_arguments(), **_bhs_strides(q, "q", "m"), **_bhs_strides(o, "o", "m"),
+                num_heads_q=heads_q, num_heads_kv=heads_kv, group_size=group_size, seq_q=seq_q,
+                num_splits=num_splits, qk_scale_log2=params.scale * math.log2(math.e),
+                **{name: dims[name] for name in ("head_dim", "head_dim_v", "BLOCK_D", "BLOCK_DV")},
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_SINKS=sinks is not None and not split, SPLIT=split,
+                **flags)
+    if split:
+        _run_kernel(_kernels._attn_decode_combine, batch * heads_q * seq_q, {}, None,
+                    O_PART=o_part, LSE_PART=lse_part, O=o, LSE=lse, SINKS=sinks, **_bhs_strides(o, "o", "m"),
+                    num_heads_q=heads_q, seq_q=seq_q, num_splits=num_splits, head_dim_v=head_dim_v,
+                    BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_DV=dims["BLOCK_DV"],
+                    EMULATE_BF16=flags["EMULATE_BF16"], HAS_SINKS=sinks is not None)
+    return o, lse

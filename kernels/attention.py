@@ -35,6 +35,7 @@ fused_attn/_launch.py take them from here):
     forward     _attn_fwd
     backward    _attn_bwd_preprocess, _attn_bwd_dkdv, _attn_bwd_dq
     inspection  _dropout_mask, _attn_probs, _attn_row_stats, _attn_col_sums
+    decode      _attn_decode, _attn_decode_combine: attention over a (paged) KV cache, split-KV
 They hold Triton code only.
 """
 # The pointer parameters a call may leave out, and the constexpr flag under which a kernel reads
@@ -42,11 +43,14 @@ They hold Triton code only.
 # that pointer and flag agree), and bench.kernel_report compiles it as a constexpr None.
 OPTIONAL_POINTERS = {"BIAS": "BIAS_KIND", "DBIAS": "STORE_DBIAS", "ALIBI": "HAS_ALIBI",
                      "CU_SEQLENS_Q": "IS_VARLEN", "CU_SEQLENS_K": "IS_VARLEN", "SINKS": "HAS_SINKS",
-                     "DLSE": "HAS_DLSE"}
+                     "DLSE": "HAS_DLSE", "BLOCK_TABLE": "IS_PAGED", "CACHE_BATCH_IDX": "HAS_BATCH_IDX",
+                     "O_PART": "SPLIT", "LSE_PART": "SPLIT"}
 
 from fused_attn.kernels.backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from fused_attn.kernels.decode import _attn_decode, _attn_decode_combine
 from fused_attn.kernels.forward import _attn_fwd
 from fused_attn.kernels.inspection import _attn_col_sums, _attn_probs, _attn_row_stats, _dropout_mask
 
 __all__ = ["OPTIONAL_POINTERS", "_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq",
+           "_attn_decode", "_attn_decode_combine",
            "_dropout_mask", "_attn_probs", "_attn_row_stats", "_attn_col_sums"]

@@ -290,3 +290,16 @@ def preprocess_block_m(block_dv: int, element_size: int) -> int:
     spills 8 B)."""
     budget = 16384 if element_size <= 2 else 8192
     return max(8, min(64, budget // (block_dv * element_size)))
+
+
+def decode_config(query_rows: int, block_d: int, interpreted: bool = False) -> KernelConfig:
+    """Tile of the KV-cache kernel (`_attn_decode`) for `query_rows` packed query rows per (sequence,
+    k/v head) (GQA group size x query length) and the wider head-dim block. Not yet timed on a GPU:
+    the M tile is the packed rows rounded up to tl.dot's minimum of 16 (at most 64, more rows take
+    more programs), and the key tile keeps q, one K and one V tile and the float32 accumulator
+    about as large as the forward's 128 x 64 tiles at head dim 128."""
+    block_m = min(64, max(16, 1 << (max(query_rows, 1) - 1).bit_length()))
+    if interpreted:
+        return KernelConfig(block_m, 32, 4, 1)
+    block_n = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
+    return KernelConfig(block_m, block_n, 4, 2)

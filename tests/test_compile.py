@@ -329,6 +329,37 @@ def test_every_variant_at_once_compiles_for_gpus() -> None:
             assert row["hgmma"] > 0, _row_id(row)  # an accepted row may run HMMA (configs.ACCEPTED_FAILURES)
 
 
+_DECODE_SCRIPT = """
+import json
+from bench import kernel_report as kr
+kr.check_environment(kr.DEFAULT_KERNEL_MODULE)
+options = ("LIMIT_LEFT", "LIMIT_RIGHT", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_SINKS")
+jobs = [kr.CompileJob(cap, head_dim, "bf16", "decode", 16, 64 if head_dim <= 128 else 16, 4, 2, "tf32",
+                      features=features)
+        for cap in (80, 90) for head_dim in (128, 512)
+        for features in ((), ("IS_PAGED", "SPLIT", *options), ("HAS_BATCH_IDX", "SPLIT"))]
+jobs += [kr.CompileJob(cap, 128, "bf16", "decode_combine", 1, None, 4, None, "tf32", features=("HAS_SINKS",))
+         for cap in (80, 90)]
+print(json.dumps([kr.compile_one(job).as_dict() for job in jobs]))
+"""
+
+
+@pytest.mark.compile
+def test_the_kvcache_kernels_compile_for_gpus() -> None:
+    """attention_with_kvcache's kernels (paged gathers, split-KV, every score option, the combine)
+    compile for capability 80 and 90, fit shared memory, keep their stores of absent pointers out
+    (None pointers compile as constexprs) and use tensor cores for the dots. Their speed has not
+    been timed on a GPU."""
+    _skip_without_tools()
+    rows = json.loads(_run_python(_DECODE_SCRIPT))
+    assert len(rows) == 14
+    for row in rows:
+        assert row["compiled"], f"{_row_id(row)}: {row['error']}"
+        assert row["total_shared"] <= EXPECTED_SHARED_LIMITS[row["capability"]], _row_id(row)
+        if row["kernel"] == "decode":
+            assert row["hgmma"] + row["hmma"] > 0, _row_id(row)
+
+
 _POINTER_SCRIPT = """
 import json
 from bench import kernel_report as kr
