@@ -83,6 +83,7 @@ from fused_attn._checks import unsupported_reason
 from fused_attn._hf_packing import packed_mask, recorded_packing
 from fused_attn._warnings import warn_once
 from fused_attn.api import attention, attention_varlen
+from fused_attn.kvcache import attention_with_kvcache
 from fused_attn.weights import attention_probs
 
 NAME = "fused_attn"
@@ -309,6 +310,12 @@ def _on_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cal
         varlen = _as_varlen(call, query, key)
     if varlen is not None:
         out = _packed(query, key, value, varlen, scaling, softcap, dropout, sinks)
+    elif _is_decoding_step(call, query, key, value, dropout, want_weights, position_bias):
+        # A few queries against the whole cache, no mask: the KV-cache kernel reads each k/v head
+        # once for its query-head group and splits long caches over the GPU.
+        out = attention_with_kvcache(query, key, value, cache_seqlens=key.shape[2], scale=scaling, softcap=softcap,
+                                     sinks=sinks, causal=call.causal and query.shape[2] > 1, window=call.window)
+        out = out.transpose(1, 2)
     else:
         options = _score_options(call, query, key, scaling, softcap, position_bias)
         if not want_weights:
@@ -320,6 +327,22 @@ def _on_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cal
                 weights = torch.nn.functional.pad(weights, (0, seq_k - weights.shape[-1]))
         out = out.transpose(1, 2)
     return out, weights
+
+
+# Calls with at most this many queries and more keys run on the KV-cache kernel (decoding steps,
+# speculative tokens); longer ones fill the prefill tiles.
+DECODE_MAX_QUERIES = 16
+
+
+def _is_decoding_step(call: _Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+                      want_weights: bool, position_bias: torch.Tensor | None) -> bool:
+    """A generation step the KV-cache kernel computes exactly as `attention` would: no mask, no
+    packing, no unwritten slots, no bias, dropout or weights, no gradient wanted, and a few
+    queries against a longer cache (key/value are the cache: (B, Hkv, Sk, D))."""
+    plain = (call.mask is None and call.bounds is None and call.keys_written is None and position_bias is None
+             and dropout == 0 and not want_weights)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return plain and not wants_grad and query.shape[2] <= DECODE_MAX_QUERIES and key.shape[2] > query.shape[2]
 
 
 def _score_options(call: _Call, query: torch.Tensor, key: torch.Tensor, scaling: float | None, softcap: float,

@@ -34,7 +34,8 @@ def kernel_calls(monkeypatch) -> list[dict]:
         original = getattr(fused_attn.hf, name)
 
         def record(q, k, v, *args, **kwargs):
-            calls.append({"varlen": name == "attention_varlen", "seq_k": k.shape[-2],
+            calls.append({"varlen": name == "attention_varlen", "kvcache": name == "attention_with_kvcache",
+                          "seq_k": k.shape[-2],
                           "mask": kwargs.get("attn_mask") is not None, "causal": kwargs.get("causal", False),
                           "window": kwargs.get("window"), "softcap": kwargs.get("softcap", 0.0),
                           "dropout_p": kwargs.get("dropout_p", 0.0), "sinks": kwargs.get("sinks") is not None})
@@ -44,6 +45,7 @@ def kernel_calls(monkeypatch) -> list[dict]:
 
     recording("attention")
     recording("attention_varlen")
+    recording("attention_with_kvcache")
     return calls
 
 
@@ -101,6 +103,9 @@ def test_llama_generate_with_kv_cache_gives_eagers_tokens(device: str, kernel_ca
     assert torch.equal(tokens, eager.generate(ids, **settings))
     assert len(kernel_calls) == 2 * 8  # prefill and 7 single-token steps, two layers each
     assert _causal(kernel_calls) == [True, True] + [False] * 14  # one query sees the whole cache
+    # The steps run on the KV-cache kernel, over a cache that grows by one key per step.
+    assert [call["kvcache"] for call in kernel_calls] == [False, False] + [True] * 14
+    assert [call["seq_k"] for call in kernel_calls[2::2]] == list(range(10, 17))
 
 
 def _bert_config():
