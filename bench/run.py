@@ -194,6 +194,20 @@ def _plots(records: list[dict[str, object]], out: Path, prefix: str) -> None:
         print("No plots: matplotlib is not installed (pip install -e '.[bench]').")
 
 
+def print_decode_section(args: argparse.Namespace) -> None:
+    """One decoding case of `python -m bench.decode` (B=8, a 32k cache, dense and pages of 16): on a
+    GPU timed against SDPA's backends, without one its bytes model."""
+    from bench import decode
+
+    print("\n## Decoding over a KV cache (full run: python -m bench.decode)\n")
+    if torch.cuda.is_available():
+        rows = decode.run_gpu((8,), (32768,), ("dense", "paged16"), args.warmup_ms, args.rep_ms)
+        print(decode.gpu_table(rows))
+    else:
+        print("Time needs a GPU. What one step must read, and its lower bound at each card's peak bandwidth:\n")
+        print(decode.bytes_model((8,), (32768,)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -201,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print_gpu_report(args, run_gpu(args))
     else:
         print_cpu_report(args, run_cpu(args))
+    print_decode_section(args)
     print(f"\nDone in {time.perf_counter() - start:.0f} s.")
     return 0
 

@@ -333,3 +333,39 @@ def test_gpu_suite_reads_the_pytest_outcome(tmp_path: Path, tail: str, expected:
     log = tmp_path / "tests.log"
     log.write_text("$ python -m pytest\n" + tail)
     assert pytest_outcome(log) == expected
+
+
+def test_decode_bytes_model_and_bandwidth_table() -> None:
+    from bench import decode
+
+    # 2 (K and V) x B x Hkv x L x D x 2 bytes; without GQA packing each is read Hq / Hkv times.
+    assert decode.kv_bytes(8, 4096) == 2 * 8 * 8 * 4096 * 128 * 2 == 128 * 2**20
+    assert decode.kv_bytes(1, 10, times_read=4) == 4 * decode.kv_bytes(1, 10)
+    assert decode.peak_bandwidth_gbs("NVIDIA H100 80GB HBM3") == 3350
+    assert decode.peak_bandwidth_gbs("NVIDIA H200") == 4800
+    assert decode.peak_bandwidth_gbs("NVIDIA GH200 480GB") == 4000  # the longest name that matches wins
+    assert decode.peak_bandwidth_gbs("some new card") is None
+
+
+@pytest.mark.cpu_only(reason="the no-GPU report of bench.decode")
+def test_decode_benchmark_without_a_gpu_checks_the_kernels_and_says_time_needs_one(capsys) -> None:
+    from bench import decode
+
+    assert decode.main(["--quick", "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert "Time per step needs a GPU" in out
+    assert out.count("| pass |") == 4 and "FAIL" not in out
+    assert "| 8 | 32768 | 1,024.0 MiB | 4,096.0 MiB | 223.7 |" in out  # 1 GiB at 4.8 TB/s
+
+
+def test_decode_benchmark_pages_hold_the_dense_cache() -> None:
+    from bench import decode
+
+    step = decode.make_step(2, 37, "cpu", dtype=torch.float32, layouts=("dense", "paged16"), heads_q=4,
+                            heads_kv=2, head_dim=8)
+    k_pages, v_pages, table = step.paged["paged16"]
+    for b in range(2):
+        for j in range(37):
+            page, slot = table[b, j // 16], j % 16
+            assert torch.equal(k_pages[page, slot], step.k[b, :, j])
+            assert torch.equal(v_pages[page, slot], step.v[b, :, j])
