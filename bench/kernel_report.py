@@ -456,7 +456,8 @@ def _constexprs(fn: Any, job: CompileJob) -> dict[str, Any]:
                  "BIAS_KIND": 0, "STORE_DBIAS": False,
                  # what the launcher does on the target's GPUs (fused_attn._launch.use_tma)
                  "USE_TMA": _uses_tma(job),
-                 "BLOCK_SPLITS": 16}  # the decode combine kernel's parts
+                 "BLOCK_SPLITS": 16,  # the decode combine kernel's parts
+                 "PAGE_SIZE": 16}  # the decode kernel's (a common page size; only read when paged)
         known.update({name: (1 if name == "BIAS_KIND" else True) for name in job.features})
     values: dict[str, Any] = {}
     for param in fn.params:

@@ -706,7 +706,7 @@ class KVCache:
                                         "num_new": self.num_new,
                                         "BLOCK_TABLE": self.block_table, "CACHE_BATCH_IDX": self.batch_idx,
                                         "IS_PAGED": self.paged, "HAS_BATCH_IDX": self.batch_idx is not None,
-                                        "page_size": self.k.shape[1] if self.paged else 1,
+                                        "PAGE_SIZE": self.k.shape[1] if self.paged else 1,
                                         "stride_block_table_b": self.block_table.stride(0) if self.paged else 0}
         for name, t in (("k", self.k), ("v", self.v)):
             arguments.update({f"stride_{name}_row": t.stride(0), f"stride_{name}h": t.stride(head_axis),

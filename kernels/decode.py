@@ -30,18 +30,18 @@ def _attn_decode(
     stride_v_row, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_block_table_b, stride_alibi_b,
-    num_heads_q, num_heads_kv, group_size, seq_q, num_new, page_size, num_splits,
+    num_heads_q, num_heads_kv, group_size, seq_q, num_new, num_splits,
     head_dim, head_dim_v, qk_scale_log2, window_left, window_right, softcap_in, softcap_out_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     LIMIT_LEFT: tl.constexpr = False, LIMIT_RIGHT: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
     HAS_SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False, IS_PAGED: tl.constexpr = False,
-    HAS_BATCH_IDX: tl.constexpr = False, SPLIT: tl.constexpr = False,
+    HAS_BATCH_IDX: tl.constexpr = False, SPLIT: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 1,
 ):
     """stride_k_row / stride_v_row step a dense cache's rows or a paged cache's pages, stride_kn /
     stride_vn its positions or slots. LSE (B, HQ, SEQ_Q) float32 is written without SPLIT; O_PART
     (B, HQ, SEQ_Q, NUM_SPLITS, HEAD_DIM_V) and LSE_PART (B, HQ, SEQ_Q, NUM_SPLITS), contiguous,
-    with it."""
+    with it. PAGE_SIZE is a constexpr, so a power of two divides by shifts (one compile per page size)."""
     pid = tl.program_id(0)
     split = pid % num_splits
     rest = pid // num_splits
@@ -93,11 +93,17 @@ def _attn_decode(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         key_ok = cols < seq_k  # past it the cache may hold anything (NaN): never read
-        if IS_PAGED:
-            page = tl.load(BLOCK_TABLE + batch.to(tl.int64) * stride_block_table_b + cols // page_size,
+        if IS_PAGED and PAGE_SIZE % BLOCK_N == 0:
+            # Tiles start at multiples of BLOCK_N, so the whole tile lies in one page: one lookup.
+            page = tl.load(BLOCK_TABLE + batch.to(tl.int64) * stride_block_table_b + start_n // PAGE_SIZE).to(tl.int64)
+            slots = (start_n % PAGE_SIZE + offs_n).to(tl.int64)
+            k_rows = page * stride_k_row + slots * stride_kn
+            v_rows = page * stride_v_row + slots * stride_vn
+        elif IS_PAGED:  # each key looks up its own page
+            page = tl.load(BLOCK_TABLE + batch.to(tl.int64) * stride_block_table_b + cols // PAGE_SIZE,
                            mask=key_ok, other=0).to(tl.int64)
-            k_rows = page * stride_k_row + (cols % page_size).to(tl.int64) * stride_kn
-            v_rows = page * stride_v_row + (cols % page_size).to(tl.int64) * stride_vn
+            k_rows = page * stride_k_row + (cols % PAGE_SIZE).to(tl.int64) * stride_kn
+            v_rows = page * stride_v_row + (cols % PAGE_SIZE).to(tl.int64) * stride_vn
         else:
             k_rows = cols.to(tl.int64) * stride_kn
             v_rows = cols.to(tl.int64) * stride_vn

@@ -2,7 +2,7 @@
 
 Every case is checked per sequence against the float64 reference over that sequence's keys
 (gathered from the cache) under FlashAttention's rule, with cache entries past each sequence's
-length filled with NaN (any read of them would show). Odd lengths, page sizes 1, 7 and 16, GQA
+length filled with NaN (any read of them would show). Odd lengths, page sizes 1, 7, 16 and 64, GQA
 and MQA, Sq in {1, 3, 17}, every score option, and 1 to 5 splits."""
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ CASES = [
     CacheCase("append-page1", (0, 13), seq_q=17, new=5, page_size=1, causal=True),
     CacheCase("page16-options", (16, 33, 90), page_size=16, window=(31, 0), alibi=True, softcap=30.0,
               sinks=True, num_splits=4),
+    # Pages a multiple of the key tile (32 under the interpreter): one page lookup per tile.
+    CacheCase("page64-append-split", (31, 64, 100), new=1, page_size=64, capacity=192, num_splits=2),
     CacheCase("page7-mqa-append", (2, 29), seq_q=3, new=3, heads_kv=1, head_dim=96, page_size=7, causal=True,
               num_splits=5),
 ]
