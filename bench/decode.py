@@ -22,7 +22,6 @@ read takes at the peak bandwidth of common cards (a lower bound, not a measureme
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -251,17 +250,6 @@ def bytes_model(batches, lengths) -> str:
     return "\n".join(lines)
 
 
-def append_csv(path: Path, meta: dict[str, str], rows: list[DecodeRow]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**meta, **{k: ("" if v is None else v) for k, v in asdict(row).items()}})
-
-
 def plot(rows: list[DecodeRow], path: Path) -> Path | None:
     try:
         import matplotlib
@@ -308,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_gpu(batches, lengths, LAYOUTS, args.warmup_ms, args.rep_ms)
         print(gpu_table(rows) + "\n")
         if not args.no_save:
-            append_csv(args.out / "decode.csv", meta, rows)
+            report.append_records(args.out / "decode.csv", CSV_FIELDS, ({**meta, **asdict(row)} for row in rows))
             path = plot(rows, args.out / "decode.png")
             print(f"Rows appended to {args.out / 'decode.csv'}" + (f"; plot {path}" if path else ""))
     else:

@@ -43,22 +43,27 @@ def run_metadata(device: torch.device | str) -> dict[str, str]:
 
 
 def append_csv(path: Path, meta: dict[str, str], rows: Iterable[Row]) -> None:
-    """Append rows to `path`, writing the header if the file is new; a file with another header is
-    an error rather than a silently mixed table."""
+    """Append the main benchmark's rows to `path` (see `append_records`)."""
+    append_records(path, CSV_FIELDS, ({**meta, **dataclasses.asdict(row)} for row in rows))
+
+
+def append_records(path: Path, fields: Sequence[str], records: Iterable[dict[str, object]]) -> None:
+    """Append records to the CSV `path` with columns `fields` (others are left out), writing the
+    header if the file is new; a file with another header is an error rather than a silently
+    mixed table. The benchmarks' CSVs (main, variants, decoding) all go through here."""
     path.parent.mkdir(parents=True, exist_ok=True)
     exists = path.exists() and path.stat().st_size > 0
     if exists:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-        if tuple(header) != CSV_FIELDS:
-            raise ValueError(f"{path} has columns {header}, expected {list(CSV_FIELDS)}; "
+        if tuple(header) != tuple(fields):
+            raise ValueError(f"{path} has columns {header}, expected {list(fields)}; "
                              "write to a new file (--csv) instead")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         if not exists:
             writer.writeheader()
-        for row in rows:
-            record = {**meta, **dataclasses.asdict(row)}
+        for record in records:
             writer.writerow({k: _format_cell(v) for k, v in record.items()})
 
 

@@ -243,21 +243,8 @@ def measure(cases: list[VariantCase], device: str, csv_path: Path | None, **opti
                 row.tflops = case.flops() / row.ms_p50 / 1e9
             records.append({"variant": case.variant, **meta, **dataclasses.asdict(row)})
         if csv_path is not None:
-            _append(csv_path, records[-len(rows):])
+            report.append_records(csv_path, CSV_FIELDS, records[-len(rows):])
     return records
-
-
-def _append(path: Path, records: list[dict[str, object]]) -> None:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for record in records:
-            writer.writerow({key: "" if value is None else value for key, value in record.items()})
 
 
 def gpu_table(records: list[dict[str, object]]) -> str:
