@@ -19,7 +19,7 @@ depend on the rest of the batch."""
 import triton
 import triton.language as tl
 
-from fused_attn.kernels.scores import LN2, LOG2E, _cast, _dot, _scores
+from fused_attn.kernels.scores import LN2, LOG2E, _cast, _dot, _finish_rows, _merge_sink, _scores
 
 
 @triton.jit
@@ -125,33 +125,20 @@ def _attn_decode(
         m_i = m_new
 
     row_index = (batch * num_heads_q + head).to(tl.int64) * seq_q + position  # (b, head, position)
-    if SPLIT:
-        # Partial results stay float32 and base 2; the sinks join in the combine kernel.
-        has_key = l_i != 0.0
-        l_safe = tl.where(has_key, l_i, 1.0)
-        lse_log2 = tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf"))
-        lse_log2 = tl.where(m_i == float("inf"), float("inf"), lse_log2)
+    if HAS_SINKS:  # never with SPLIT: the combine kernel merges the sink
+        sink_log2 = tl.load(SINKS + head, mask=row_ok, other=float("-inf")) * LOG2E
+        acc, l_i, m_i = _merge_sink(acc, l_i, m_i, sink_log2)
+    out, lse_log2 = _finish_rows(acc, l_i, m_i)
+    if SPLIT:  # float32 partials in base 2; the sinks join in the combine kernel
         part = row_index * num_splits + split
-        tl.store(O_PART + part[:, None] * head_dim_v + offs_dv[None, :], acc / l_safe[:, None],
+        tl.store(O_PART + part[:, None] * head_dim_v + offs_dv[None, :], out,
                  mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
         tl.store(LSE_PART + part, lse_log2, mask=row_ok)
     else:
-        if HAS_SINKS:
-            sink_log2 = tl.load(SINKS + head, mask=row_ok, other=float("-inf")) * LOG2E
-            m_sink = tl.maximum(m_i, sink_log2)
-            alpha = tl.where(m_i == m_sink, 1.0, tl.math.exp2(m_i - m_sink))
-            l_i = l_i * alpha + tl.where(sink_log2 == float("-inf"), 0.0, tl.math.exp2(sink_log2 - m_sink))
-            acc = acc * alpha[:, None]
-            m_i = m_sink
-        # As in the forward kernel: l = 0 exactly means no key (o = 0, lse = -inf); NaN propagates.
-        has_key = l_i != 0.0
-        l_safe = tl.where(has_key, l_i, 1.0)
-        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-        lse = tl.where(m_i == float("inf"), float("inf"), lse)
         o_rows = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + position.to(tl.int64) * stride_om
-        tl.store(O + o_rows[:, None] + offs_dv[None, :], _cast(acc / l_safe[:, None], O.dtype.element_ty, EMULATE_BF16),
+        tl.store(O + o_rows[:, None] + offs_dv[None, :], _cast(out, O.dtype.element_ty, EMULATE_BF16),
                  mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
-        tl.store(LSE + row_index, lse, mask=row_ok)
+        tl.store(LSE + row_index, lse_log2 * LN2, mask=row_ok)
 
 
 @triton.jit

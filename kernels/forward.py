@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from fused_attn.kernels.scores import (
-    LN2, LOG2E, _cast, _dot, _dropout_keep, _key_range, _score_inputs, _scores,
+    LN2, LOG2E, _cast, _dot, _dropout_keep, _finish_rows, _key_range, _merge_sink, _score_inputs, _scores,
 )
 from fused_attn.kernels.tiles import _head_base, _key_value_streams, _load_tile, _query_tile
 
@@ -133,25 +133,11 @@ def _attn_fwd(
         BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, EMULATE_BF16, INPUT_PRECISION, SCALE_POSITIVE, USE_TMA)
 
     if HAS_SINKS:  # the sink as one more key with score `sink` and a zero value, merged last
-        sink_log2 = tl.load(SINKS + head) * LOG2E
-        m_sink = tl.maximum(m_i, sink_log2)
-        # -inf == -inf (no key and a -inf sink) and +inf == +inf keep alpha finite; NaN != NaN propagates.
-        alpha = tl.where(m_i == m_sink, 1.0, tl.math.exp2(m_i - m_sink))
-        l_i = l_i * alpha + tl.where(sink_log2 == float("-inf"), 0.0, tl.math.exp2(sink_log2 - m_sink))
-        acc = acc * alpha[:, None]
-        m_i = m_sink
-    # A row with no visible key returns 0 and an lse of -inf. The band and the mask leave it
-    # l = 0 exactly (p = 0 everywhere), while a visible key gives l >= 1 and a NaN score makes l
-    # NaN, never 0: a NaN is not mistaken for "no key" and propagates (o and lse NaN); a +inf
-    # score gives NaN and lse +inf, as torch does. (One corner: visible keys whose scores are all
-    # exactly -inf count as no key here, where torch's softmax gives NaN.)
-    has_key = l_i != 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]  # 0 for a row without keys, unless 0 * (NaN or inf in v), as in torch
+        acc, l_i, m_i = _merge_sink(acc, l_i, m_i, tl.load(SINKS + head) * LOG2E)
+    out, lse_log2 = _finish_rows(acc, l_i, m_i)
     if HAS_DROPOUT:
         out = out / (1.0 - dropout_p)
-    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-    lse = tl.where(m_i == float("inf"), float("inf"), lse)
+    lse = lse_log2 * LN2
 
     tl.store(o_base + offs_tile_m[:, None] * stride_om + offs_dv[None, :], _cast(out, O.dtype.element_ty, EMULATE_BF16),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))

@@ -189,3 +189,30 @@ def _query_range(start_n, seq_q, seq_k, window_left, window_right, BLOCK_M: tl.c
         unmasked_hi = seq_q
     unmasked_hi = tl.minimum(unmasked_hi, seq_q // BLOCK_M * BLOCK_M)
     return lo, unmasked_lo, unmasked_hi, hi
+
+
+@triton.jit
+def _merge_sink(acc, l_i, m_i, sink_log2):
+    """(acc, l, m) of rows after one more key with base-2 score `sink_log2` and a zero value (an
+    attention sink), merged last into the online softmax. -inf == -inf (no key and a -inf sink)
+    and +inf == +inf keep the rescale finite; a NaN sink or m propagates."""
+    m_sink = tl.maximum(m_i, sink_log2)
+    alpha = tl.where(m_i == m_sink, 1.0, tl.math.exp2(m_i - m_sink))
+    l_i = l_i * alpha + tl.where(sink_log2 == float("-inf"), 0.0, tl.math.exp2(sink_log2 - m_sink))
+    return acc * alpha[:, None], l_i, m_sink
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i):
+    """(o, lse_log2) of rows from the online softmax's accumulator, sum and max. A row with no
+    visible key returns 0 and an lse of -inf: the band and the mask leave it l = 0 exactly (p = 0
+    everywhere), while a visible key gives l >= 1 and a NaN score makes l NaN, never 0, so a NaN
+    is not mistaken for "no key" and propagates (o and lse NaN); a +inf score gives NaN and lse
+    +inf, as torch does. (One corner: visible keys whose scores are all exactly -inf count as no
+    key here, where torch's softmax gives NaN.) o is 0 for a row without keys unless 0 * (NaN or
+    inf in v), as in torch."""
+    has_key = l_i != 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    lse_log2 = tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf"))
+    lse_log2 = tl.where(m_i == float("inf"), float("inf"), lse_log2)
+    return acc / l_safe[:, None], lse_log2
