@@ -92,9 +92,10 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     return float(scale)
 
 
-def check_attn_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """Validate a mask for q (B, Hq, Sq, D), k (B, Hkv, Sk, D) and return it as a 4-D view
-    broadcast to (B, Hq, Sq, Sk) (no copy: broadcast dimensions get stride 0).
+def check_attn_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor | None = None, *,
+                    seq_k: int | None = None) -> torch.Tensor | None:
+    """Validate a mask for q (B, Hq, Sq, D), k (B, Hkv, Sk, D) (or Sk given as seq_k) and return it
+    as a 4-D view broadcast to (B, Hq, Sq, Sk) (no copy: broadcast dimensions get stride 0).
 
     bool: True where a query may attend to a key. float16/bfloat16/float32: added to the scores
     (-inf removes a key)."""
@@ -107,7 +108,7 @@ def check_attn_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Te
                         "(True attends) or a float dtype (added to the scores)")
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2] if seq_k is None else seq_k)
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {tuple(attn_mask.shape)}")
     try:

@@ -736,8 +736,8 @@ def decode_splits(batch: int, heads_kv: int, query_rows: int, cache: KVCache, q:
 def attention_decode(q: torch.Tensor, cache: KVCache, params: AttentionParams, num_splits: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 of q over each sequence's keys
-    in `cache`, the score options in `params` (window, ALiBi, softcap, sinks; no mask, dropout or
-    packing). With num_splits > 1 the keys of each sequence are cut into that many parts whose
+    in `cache`, the score options in `params` (mask by key position, window, ALiBi, softcap, sinks;
+    no dropout or packing). With num_splits > 1 the keys of each sequence are cut into that many parts whose
     partial results a second kernel merges in a fixed order."""
     batch, heads_q, seq_q, _ = q.shape
     heads_kv = cache.k.shape[2] if cache.paged else cache.k.shape[1]

@@ -311,10 +311,13 @@ def _on_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cal
     if varlen is not None:
         out = _packed(query, key, value, varlen, scaling, softcap, dropout, sinks)
     elif _is_decoding_step(call, query, key, value, dropout, want_weights, position_bias):
-        # A few queries against the whole cache, no mask: the KV-cache kernel reads each k/v head
-        # once for its query-head group and splits long caches over the GPU.
+        # A few queries against the whole cache (a static cache's mask hides its unwritten slots):
+        # the KV-cache kernel reads each k/v head once for its query-head group and splits long
+        # caches over the GPU.
+        options = {"attn_mask": call.mask} if call.mask is not None else {
+            "causal": call.causal and query.shape[2] > 1, "window": call.window}
         out = attention_with_kvcache(query, key, value, cache_seqlens=key.shape[2], scale=scaling, softcap=softcap,
-                                     sinks=sinks, causal=call.causal and query.shape[2] > 1, window=call.window)
+                                     sinks=sinks, **options)
         out = out.transpose(1, 2)
     else:
         options = _score_options(call, query, key, scaling, softcap, position_bias)
@@ -336,11 +339,12 @@ DECODE_MAX_QUERIES = 16
 
 def _is_decoding_step(call: _Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
                       want_weights: bool, position_bias: torch.Tensor | None) -> bool:
-    """A generation step the KV-cache kernel computes exactly as `attention` would: no mask, no
-    packing, no unwritten slots, no bias, dropout or weights, no gradient wanted, and a few
-    queries against a longer cache (key/value are the cache: (B, Hkv, Sk, D))."""
-    plain = (call.mask is None and call.bounds is None and call.keys_written is None and position_bias is None
-             and dropout == 0 and not want_weights)
+    """A generation step the KV-cache kernel computes exactly as `attention` would: no packing,
+    no unwritten slots cut, no position bias, dropout or weights, no gradient wanted, and a few
+    queries against a longer cache (key/value are the cache: (B, Hkv, Sk, D); a mask, if any, is
+    indexed by key position, as the kernel reads it)."""
+    plain = (call.bounds is None and call.keys_written is None and position_bias is None and dropout == 0
+             and not want_weights)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     return plain and not wants_grad and query.shape[2] <= DECODE_MAX_QUERIES and key.shape[2] > query.shape[2]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from fused_attn import _launch
-from fused_attn._checks import (MAX_HEAD_DIM, SUPPORTED_DTYPES, check_alibi_slopes, check_flag, check_sinks, check_softcap,
-                                check_window)
+from fused_attn._checks import (MAX_HEAD_DIM, SUPPORTED_DTYPES, check_alibi_slopes, check_attn_mask, check_flag,
+                                check_sinks, check_softcap, check_window)
 from fused_attn._launch import MAX_DECODE_SPLITS, AttentionParams, KVCache, check_device
 
 
@@ -15,7 +15,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
                            cache_seqlens: torch.Tensor | int, block_table: torch.Tensor | None = None,
                            cache_batch_idx: torch.Tensor | None = None, causal: bool = False,
-                           scale: float | None = None, window: tuple[int, int] | None = None,
+                           scale: float | None = None, attn_mask: torch.Tensor | None = None, window: tuple[int, int] | None = None,
                            alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0,
                            sinks: torch.Tensor | None = None, num_splits: int | None = None,
                            return_lse: bool = False, check_values: bool | None = None
@@ -40,6 +40,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         causal, scale, window, alibi_slopes, softcap, sinks: as in `fused_attn.attention`, with the
             band aligned bottom-right to the cache_seqlens[b] + S_new keys (query i sits at key
             position cache_seqlens[b] + S_new - Sq + i).
+        attn_mask: optional bool (True attends) or float (added to the scaled scores), broadcastable
+            to (B, Hq, Sq, capacity) and indexed by key position in the sequence (capacity: the
+            dense cache's length, or pages per sequence x page size), e.g. a padding mask. Read
+            tile by tile for the keys each sequence has; it gets no gradient.
         num_splits: parts each sequence's keys are cut into, merged in a fixed order by a second
             kernel. None: chosen from the shapes and the GPU (1 on the CPU); 1: no split. Results
             of one sequence depend only on its own inputs and num_splits: pass a fixed num_splits
@@ -96,6 +100,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _check_cache_values(cache)
 
     scale = _check_scale(scale, head_dim)
+    bias = check_attn_mask(attn_mask, q, seq_k=cache.capacity)
     window_left, window_right = check_window(window, causal)
     slopes = check_alibi_slopes(alibi_slopes, batch, heads_q, q.device)
     softcap = check_softcap(softcap, scale)
@@ -104,7 +109,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}")
     if num_splits is not None and not 1 <= num_splits <= MAX_DECODE_SPLITS:
         raise ValueError(f"num_splits must be between 1 and {MAX_DECODE_SPLITS}, got {num_splits}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, slopes, sinks)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, slopes, sinks, attn_mask)):
         raise ValueError("attention_with_kvcache has no backward: call it under torch.no_grad() or "
                          "torch.inference_mode(), or use fused_attn.attention for training")
     check_device(q, max(head_dim, head_dim_v))
@@ -114,7 +119,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits is None:
         num_splits = _launch.decode_splits(batch, heads_kv, heads_q // heads_kv * seq_q, cache, q)
     params = AttentionParams(scale=scale, window_left=window_left, window_right=window_right, softcap=softcap,
-                             alibi_slopes=slopes, sinks=sinks)
+                             bias=bias, alibi_slopes=slopes, sinks=sinks)
     o, lse = _launch.attention_decode(q, cache, params, num_splits)
     return (o, lse) if return_lse else o
 

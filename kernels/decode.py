@@ -24,12 +24,12 @@ from fused_attn.kernels.scores import LN2, LOG2E, _cast, _dot, _finish_rows, _me
 
 @triton.jit
 def _attn_decode(
-    Q, K_CACHE, V_CACHE, O, LSE, O_PART, LSE_PART, CACHE_SEQLENS, BLOCK_TABLE, CACHE_BATCH_IDX, ALIBI, SINKS,
+    Q, K_CACHE, V_CACHE, O, LSE, O_PART, LSE_PART, CACHE_SEQLENS, BLOCK_TABLE, CACHE_BATCH_IDX, ALIBI, SINKS, BIAS,
     stride_qb, stride_qh, stride_qm,
     stride_k_row, stride_kh, stride_kn,
     stride_v_row, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
-    stride_block_table_b, stride_alibi_b,
+    stride_block_table_b, stride_alibi_b, stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     num_heads_q, num_heads_kv, group_size, seq_q, num_new, num_splits,
     head_dim, head_dim_v, qk_scale_log2, window_left, window_right, softcap_in, softcap_out_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -37,11 +37,13 @@ def _attn_decode(
     LIMIT_LEFT: tl.constexpr = False, LIMIT_RIGHT: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
     HAS_SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False, IS_PAGED: tl.constexpr = False,
     HAS_BATCH_IDX: tl.constexpr = False, SPLIT: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 1,
+    BIAS_KIND: tl.constexpr = 0,
 ):
     """stride_k_row / stride_v_row step a dense cache's rows or a paged cache's pages, stride_kn /
     stride_vn its positions or slots. LSE (B, HQ, SEQ_Q) float32 is written without SPLIT; O_PART
     (B, HQ, SEQ_Q, NUM_SPLITS, HEAD_DIM_V) and LSE_PART (B, HQ, SEQ_Q, NUM_SPLITS), contiguous,
-    with it. PAGE_SIZE is a constexpr, so a power of two divides by shifts (one compile per page size)."""
+    with it. BIAS (BIAS_KIND 1 float, 2 bool) is the user's mask (B, HQ, SEQ_Q, key position), by
+    strides (0 where broadcast). PAGE_SIZE is a constexpr, so a power of two divides by shifts (one compile per page size)."""
     pid = tl.program_id(0)
     split = pid % num_splits
     rest = pid // num_splits
@@ -64,6 +66,10 @@ def _attn_decode(
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         alibi_slope_log2 = (tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0) * LOG2E)[:, None]
+
+    bias_rows = 0  # each row's (batch, head) mask row; unused without a mask
+    if BIAS_KIND != 0:
+        bias_rows = BIAS + batch.to(tl.int64) * stride_bias_b + head[:, None].to(tl.int64) * stride_bias_h
 
     # This split's keys, cut to the band of the tile's query positions.
     keys_per_split = tl.cdiv(tl.cdiv(seq_k, num_splits), BLOCK_N) * BLOCK_N
@@ -111,8 +117,8 @@ def _attn_decode(
                     other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), EMULATE_BF16, INPUT_PRECISION)
         qk, _ = _scores(s, position[:, None], cols[None, :], seq_q, seq_k, qk_scale_log2, softcap_in,
-                        softcap_out_log2, alibi_slope_log2, 0, 0, 0, window_left, window_right,
-                        True, False, LIMIT_LEFT, LIMIT_RIGHT, 0, HAS_ALIBI, HAS_SOFTCAP)
+                        softcap_out_log2, alibi_slope_log2, bias_rows, stride_bias_m, stride_bias_n, window_left,
+                        window_right, True, False, LIMIT_LEFT, LIMIT_RIGHT, BIAS_KIND, HAS_ALIBI, HAS_SOFTCAP)
         # As in the forward kernel: m never NaN (tl.max skips it), -inf rows subtract 0.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)

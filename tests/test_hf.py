@@ -152,6 +152,8 @@ def test_llama_batched_generate_with_left_padding(device: str, kernel_calls: lis
         tokens = fused.generate(ids, **settings)
     assert torch.equal(tokens, eager.generate(ids, **settings))
     assert len(kernel_calls) == 2 * 6
+    # The steps after the prefill run on the KV-cache kernel with the padding mask.
+    assert [(c["kvcache"], c["mask"]) for c in kernel_calls] == [(False, True)] * 2 + [(True, True)] * 10
 
 
 def test_weights_with_training_dropout_run_the_models_eager_attention(device: str, kernel_calls: list[dict]) -> None:
@@ -334,6 +336,8 @@ def test_llama_generate_with_a_static_cache_gives_eagers_tokens(device: str, ker
     torch.testing.assert_close(torch.stack(mine.logits), torch.stack(theirs.logits), rtol=1e-4, atol=1e-4)
     assert [(c["mask"], c["seq_k"]) for c in kernel_calls[:2]] == [(False, 9)] * 2  # of 12 cache slots
     assert all(call["mask"] for call in kernel_calls[2:])
+    # The steps run on the KV-cache kernel over all 12 slots, the mask hiding the unwritten ones.
+    assert [(c["kvcache"], c["seq_k"]) for c in kernel_calls[2:]] == [(True, 12)] * 6
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral-window4"])

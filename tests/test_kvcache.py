@@ -39,6 +39,7 @@ class CacheCase:
     alibi: bool = False
     softcap: float = 0.0
     sinks: bool = False
+    mask: str | None = None  # "bool" (B, 1, Sq, capacity), or "float" (B, Hq, Sq, capacity) with some -inf
     num_splits: int | None = 1  # None: the launcher's choice
 
     @property
@@ -56,6 +57,8 @@ CASES = [
               sinks=True, num_splits=4),
     # Pages a multiple of the key tile (32 under the interpreter): one page lookup per tile.
     CacheCase("page64-append-split", (31, 64, 100), new=1, page_size=64, capacity=192, num_splits=2),
+    CacheCase("bool-mask-split", (3, 50, 90), seq_q=3, causal=True, mask="bool", num_splits=3),
+    CacheCase("page16-float-mask-append", (0, 20), new=2, page_size=16, mask="float", sinks=True, num_splits=2),
     CacheCase("page7-mqa-append", (2, 29), seq_q=3, new=3, heads_kv=1, head_dim=96, page_size=7, causal=True,
               num_splits=5),
 ]
@@ -90,6 +93,11 @@ def make_cache_inputs(case: CacheCase, dtype: torch.dtype, device: str, seed: in
         kwargs["alibi_slopes"] = torch.rand(batch, case.heads_q, generator=gen).to(device)
     if case.sinks:
         kwargs["sinks"] = (torch.randn(case.heads_q, generator=gen) + 1).to(device)
+    if case.mask == "bool":  # a padding-like mask: each sequence hides a few random keys
+        kwargs["attn_mask"] = (torch.rand(batch, 1, case.seq_q, case.capacity, generator=gen) > 0.2).to(device)
+    elif case.mask == "float":
+        bias = torch.randn(batch, case.heads_q, case.seq_q, case.capacity, generator=gen)
+        kwargs["attn_mask"] = bias.masked_fill(torch.rand(bias.shape, generator=gen) < 0.2, float("-inf")).to(device)
     nan = float("nan")
     if case.page_size:
         pages_per_seq = -(-case.capacity // case.page_size)
@@ -133,6 +141,9 @@ def reference_per_sequence(inputs: CacheInputs, b: int, golden: bool) -> tuple[t
         options["alibi_slopes"] = cast(inputs.kwargs["alibi_slopes"][b:b + 1])
     if "sinks" in inputs.kwargs:
         options["sinks"] = cast(inputs.kwargs["sinks"])
+    if "attn_mask" in inputs.kwargs:
+        mask = inputs.kwargs["attn_mask"][b:b + 1, :, :, :inputs.keys[b].shape[2]]
+        options["attn_mask"] = mask if mask.dtype == torch.bool else cast(mask)
     return reference.attention(cast(inputs.q[b:b + 1]), cast(inputs.keys[b]), cast(inputs.values[b]),
                                return_lse=True, **options)
 
@@ -249,6 +260,8 @@ def _bad_calls(inputs: CacheInputs) -> list[tuple[dict, type, str]]:
         ({"q": inputs.q[0]}, ValueError, "q must have 4 dimensions"),
         ({"q": inputs.q.repeat(1, 1, 1, 2)}, ValueError, "head dim"),
         ({"window": (1, 2, 3)}, TypeError, "window"),
+        ({"attn_mask": torch.ones(2, 1, 1, 15, dtype=torch.bool)}, ValueError, "attn_mask"),  # capacity is 16
+        ({"attn_mask": torch.ones(2, 1, 1, 16, dtype=torch.int32)}, TypeError, "attn_mask"),
     ]
 
 
