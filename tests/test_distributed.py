@@ -107,3 +107,17 @@ def test_uninitialized_torch_distributed_is_a_clear_error() -> None:
     q = torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match="init_process_group"):
         fad.context_parallel_attention(q, q, q)
+
+
+@pytest.mark.cpu_only(reason="gloo on CPU through the interpreter")
+def test_the_training_example_matches_one_process() -> None:
+    """examples/context_parallel_train.py under torchrun (2 ranks, Ulysses): the sharded loss and
+    every parameter gradient equal the single-process run's."""
+    port = _free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+               "examples/context_parallel_train.py", "--method", "ulysses", "--steps", "1", "--seq", "24"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "loss and gradients match" in result.stdout
+    assert "MISMATCH" not in result.stdout
