@@ -121,3 +121,13 @@ def test_the_training_example_matches_one_process() -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "loss and gradients match" in result.stdout
     assert "MISMATCH" not in result.stdout
+
+
+def test_communication_volume_model() -> None:
+    from bench import context_parallel as cp
+
+    kv = 2 * cp.HEADS_KV * 4096 * cp.HEAD_DIM * cp.ELEMENT  # K and V of a 4096-token sequence
+    q = cp.HEADS_Q * 4096 * cp.HEAD_DIM * cp.ELEMENT
+    assert cp.volume_bytes("ring", 4096, 4) == (3 * kv / 4, 4 * 3 * kv / 4)  # float32 dK/dV travel with K/V
+    assert cp.volume_bytes("allgather", 4096, 4) == (3 / 4 * kv, 3 / 4 * kv)
+    assert cp.volume_bytes("ulysses", 4096, 4) == (3 / 16 * (kv + 2 * q),) * 2
