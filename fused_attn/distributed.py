@@ -13,7 +13,8 @@ Methods:
   sends K/V with their dK/dV accumulators around the ring once more. Memory per rank O(S / P).
   Blocks that causal masking leaves empty are skipped. No window (use "allgather" or "ulysses").
 - "allgather": K/V are all-gathered (Llama 3's context parallelism) and each rank attends its
-  queries to the keys they see; the backward reduce-scatters dK/dV. Windows skip what they hide.
+  queries to the keys they see; the backward reduce-scatters dK/dV. Windows skip what they hide,
+  and packed sequences (cu_seqlens over the whole sequence, spanning ranks) run as varlen.
 - "ulysses": all-to-all from sequence shards to head shards, attention over the whole sequence on
   Hq / P query heads and Hkv / P k/v heads, all-to-all back. Both head counts must divide by P.
 
@@ -21,6 +22,7 @@ Results are deterministic for a given group size (fixed order everywhere, no ato
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -31,7 +33,7 @@ import torch.distributed.nn.functional as dist_fn
 from fused_attn import _launch
 from fused_attn._checks import check_attention_inputs, check_flag, check_sinks, check_softcap, check_window
 from fused_attn._launch import AttentionParams
-from fused_attn.api import attention
+from fused_attn.api import attention, attention_varlen
 
 METHODS = ("ring", "allgather", "ulysses")
 LAYOUTS = ("contiguous", "zigzag")
@@ -157,8 +159,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                group: dist.ProcessGroup | None = None, method: str = "ring",
                                layout: str = "contiguous", causal: bool = False, scale: float | None = None,
                                window: tuple[int, int] | None = None, softcap: float = 0.0,
-                               sinks: torch.Tensor | None = None, return_lse: bool = False
-                               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                               sinks: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                               return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over a sequence sharded across `group` (see the module docstring).
 
     Args:
@@ -169,6 +171,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         layout: "contiguous" or "zigzag" (causal load balance).
         causal, scale, window, softcap, sinks: as in `fused_attn.attention`, over the whole
             sequence (causal is aligned on the global positions; S_q = S_k).
+        cu_seqlens: packed sequences ("allgather" only): int32 (num_seqs + 1,), where each sequence
+            starts in the whole (global) sequence, then its length S; B must be 1. A query sees only
+            its own sequence's keys, wherever they are sharded; causal and windows align per
+            sequence. The same on every rank.
         return_lse: also return this rank's lse (B, Hq, S_local) float32.
 
     Returns:
@@ -190,8 +196,11 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     left, right = check_window(window, causal)
     softcap = check_softcap(softcap, scale)
     sinks = check_sinks(sinks, q.shape[1], q.device)
+    bounds = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, q, world, method)
+    packing = [0, 0] if bounds is None else [len(bounds), sum((i + 1) * b for i, b in enumerate(bounds)) % 2**61]
     _check_same_everywhere(group, [*q.shape, *k.shape, *v.shape, METHODS.index(method), LAYOUTS.index(layout),
-                                   int(causal), left, right], "the shapes of q, k, v, the method, layout and mask")
+                                   int(causal), left, right, *packing],
+                           "the shapes of q, k, v, the method, layout, mask and cu_seqlens")
     if layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"layout='zigzag' pieces hold two equal chunks: the local length ({q.shape[2]}) must be even")
     if method == "ulysses" and (q.shape[1] % world or k.shape[1] % world):
@@ -204,7 +213,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if method == "ulysses":
         o, lse = _ulysses(q, k, v, group, layout, causal, window, sinks, options)
     elif method == "allgather":
-        o, lse = _allgather(q, k, v, group, layout, left, right, sinks, options)
+        o, lse = _allgather(q, k, v, group, layout, left, right, sinks, options, bounds)
     else:
         o, lse = _RingAttention.apply(q, k, v, sinks, group, layout, right, scale, softcap)
     return (o, lse) if return_lse else o
@@ -214,11 +223,28 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 # all-gather
 
 
-def _allgather(q, k, v, group, layout, left, right, sinks, options):
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor, world: int, method: str) -> list[int]:
+    if method != "allgather":
+        raise ValueError(f"packed sequences (cu_seqlens) need method='allgather', got method={method!r}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise TypeError("cu_seqlens must be a 1-D int32 tensor of sequence boundaries")
+    if q.shape[0] != 1:
+        raise ValueError(f"packed sequences lie along one row: q's batch must be 1, got {q.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    total = q.shape[2] * world
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(b > c for b, c in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the whole sequence's length {total}, got {bounds}")
+    return bounds
+
+
+def _allgather(q, k, v, group, layout, left, right, sinks, options, bounds=None):
     world, rank = _world(group)
     seq_local = q.shape[2]
     k_full = _in_sequence_order(dist_fn.all_gather(k, group=group), layout, 2)
     v_full = _in_sequence_order(dist_fn.all_gather(v, group=group), layout, 2)
+    if bounds is not None:
+        return _allgather_packed(q, k_full, v_full, chunk_ranges(seq_local, world, rank, layout), bounds, left, right,
+                                 sinks, options)
     outputs, lses, offset = [], [], 0
     for start, length in chunk_ranges(seq_local, world, rank, layout):
         q_chunk = q[:, :, offset:offset + length]
@@ -228,6 +254,52 @@ def _allgather(q, k, v, group, layout, left, right, sinks, options):
             q_chunk[:, :, b.row_lo:b.row_hi], k_full[:, :, b.key_lo:b.key_hi], v_full[:, :, b.key_lo:b.key_hi],
             window=_window_or_none(b.window), sinks=sinks, return_lse=True, **options)))
     return torch.cat([o for o, _ in outputs], 2), torch.cat([lse for _, lse in outputs], 2)
+
+
+def _allgather_packed(q, k_full, v_full, chunks, bounds, left, right, sinks, options):
+    """Packed sequences over the gathered keys: each (local chunk, sequence) overlap is a segment
+    whose visible rows attend to the keys of its own sequence that their band reaches. Segments
+    with the same local band go through one attention_varlen call."""
+    segments = []  # (first local row, last local row + 1, first key, last key + 1, window)
+    offset = 0
+    for start, length in chunks:
+        for seq_start, seq_end in zip(bounds[:-1], bounds[1:]):
+            rows_start, rows_end = max(seq_start, start), min(seq_end, start + length)
+            if rows_start >= rows_end:
+                continue
+            block = _visible_block(rows_start, rows_end - rows_start, seq_start, seq_end - seq_start, left, right)
+            if block is not None:
+                first = offset + rows_start - start
+                segments.append((first + block.row_lo, first + block.row_hi, seq_start + block.key_lo,
+                                 seq_start + block.key_hi, block.window))
+        offset += length
+    batch, heads, seq_local = q.shape[0], q.shape[1], q.shape[2]
+    pieces: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first local row, o, lse) per segment
+    for window in sorted({segment[4] for segment in segments}):
+        group = [segment for segment in segments if segment[4] == window]
+        packed_q = torch.cat([q[0, :, r0:r1].transpose(0, 1) for r0, r1, _, _, _ in group])
+        packed_k = torch.cat([k_full[0, :, k0:k1].transpose(0, 1) for _, _, k0, k1, _ in group])
+        packed_v = torch.cat([v_full[0, :, k0:k1].transpose(0, 1) for _, _, k0, k1, _ in group])
+        rows = [r1 - r0 for r0, r1, _, _, _ in group]
+        keys = [k1 - k0 for _, _, k0, k1, _ in group]
+        cu_q = torch.tensor([0, *itertools.accumulate(rows)], dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor([0, *itertools.accumulate(keys)], dtype=torch.int32, device=q.device)
+        o, lse = attention_varlen(packed_q, packed_k, packed_v, cu_q, cu_k, max(rows), max(keys),
+                                  window=_window_or_none(window), sinks=sinks, return_lse=True, **options)
+        for (r0, r1, _, _, _), first in zip(group, cu_q.tolist()):
+            pieces.append((r0, o[first:first + r1 - r0].transpose(0, 1)[None], lse[:, first:first + r1 - r0][None]))
+    empty_o = q.new_zeros(batch, heads, seq_local, v_full.shape[3])
+    empty_lse = torch.full((batch, heads, seq_local), -math.inf, device=q.device)
+    if sinks is not None:  # a row that sees no key: o = 0, lse = its sink
+        empty_lse = sinks.float().view(1, -1, 1).expand(batch, heads, seq_local)
+    outputs, lses, row = [], [], 0
+    for first, o, lse in sorted(pieces, key=lambda piece: piece[0]):
+        outputs += [empty_o[:, :, row:first], o]
+        lses += [empty_lse[:, :, row:first], lse]
+        row = first + o.shape[2]
+    outputs.append(empty_o[:, :, row:])
+    lses.append(empty_lse[:, :, row:])
+    return torch.cat(outputs, 2), torch.cat(lses, 2)
 
 
 def _window_or_none(window: tuple[int, int]) -> tuple[int, int] | None:

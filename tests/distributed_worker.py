@@ -31,7 +31,7 @@ def grid_cases(world: int) -> list[dict]:
     heads = {2: (4, 2), 4: (8, 4)}[world]
     if world == 4:
         return [dict(method="ring", layout="zigzag", causal=True, heads=heads),
-                dict(method="allgather", layout="contiguous", causal=True, window=(5, 0), heads=heads),
+                dict(method="allgather", layout="contiguous", causal=True, window=(5, 0), heads=heads, packed=True),
                 dict(method="ulysses", layout="zigzag", causal=True, sinks=True, heads=heads, dtype=torch.bfloat16)]
     cases = []
     for method in fad.METHODS:
@@ -44,7 +44,16 @@ def grid_cases(world: int) -> list[dict]:
     for method in fad.METHODS:
         cases.append(dict(method=method, layout="zigzag", causal=True, sinks=True, softcap=20.0, heads=heads,
                           dtype=torch.bfloat16))
+    # Packed sequences whose boundaries fall inside and across the ranks' pieces (all-gather only).
+    cases.append(dict(method="allgather", layout="contiguous", causal=True, heads=heads, packed=True))
+    cases.append(dict(method="allgather", layout="zigzag", causal=False, window=(2, 3), heads=heads, packed=True,
+                      sinks=True))
     return cases
+
+
+def packed_bounds(seq: int) -> list[int]:
+    """Three sequences of uneven lengths that cross the pieces' edges (and a one-token one)."""
+    return [0, seq // 3 - 1, seq // 3, seq - 4, seq]
 
 
 def check(name: str, got: torch.Tensor, golden: torch.Tensor, plain: torch.Tensor, factor: float,
@@ -69,10 +78,15 @@ def run_case(case: dict, world: int, rank: int) -> None:
     options = dict(causal=case["causal"], window=case.get("window"), softcap=case.get("softcap", 0.0))
     shard = lambda t: fad.shard_sequence(t, layout=case["layout"])  # noqa: E731
 
+    cu_seqlens = None
+    if case.get("packed"):  # one row of packed sequences
+        full = [t[:1] for t in full]
+        do_full = do_full[:1]
+        cu_seqlens = torch.tensor(packed_bounds(seq), dtype=torch.int32)
     leaves = [shard(t).to(dtype).requires_grad_() for t in full]
     sink_leaf = None if sinks is None else sinks.clone().requires_grad_()
     o, lse = fad.context_parallel_attention(*leaves, method=case["method"], layout=case["layout"], sinks=sink_leaf,
-                                            return_lse=True, **options)
+                                            cu_seqlens=cu_seqlens, return_lse=True, **options)
     (o.float() * shard(do_full)).sum().backward()
     mine = [o, lse] + [t.grad for t in leaves]
     dsinks = None
@@ -84,7 +98,12 @@ def run_case(case: dict, world: int, rank: int) -> None:
     for kind, cast in (("golden", torch.float64), ("plain", dtype)):
         ref_leaves = [t.to(cast).requires_grad_() for t in full]
         ref_sinks = None if sinks is None else sinks.to(cast).requires_grad_()
-        ro, rlse = reference.attention(*ref_leaves, sinks=ref_sinks, return_lse=True, **options)
+        if cu_seqlens is None:
+            ro, rlse = reference.attention(*ref_leaves, sinks=ref_sinks, return_lse=True, **options)
+        else:  # the packed reference on (total, H, D), back to (1, H, total, D)
+            ro, rlse = reference.attention_varlen(*(t[0].transpose(0, 1) for t in ref_leaves), cu_seqlens, cu_seqlens,
+                                                  sinks=ref_sinks, return_lse=True, **options)
+            ro, rlse = ro.transpose(0, 1)[None], rlse[None]
         (ro * do_full.to(cast)).sum().backward()
         results[kind] = [shard(ro.detach()), shard(rlse.detach())] + [shard(t.grad) for t in ref_leaves]
         if ref_sinks is not None:
@@ -104,6 +123,10 @@ def bad_calls(world: int, rank: int) -> None:
         (lambda: fad.context_parallel_attention(q, k, v, method="ring", window=(2, 0), causal=True), "window"),
         (lambda: fad.shard_sequence(torch.randn(1, 1, 2 * world + 1, 4), layout="contiguous"), "equal parts"),
         (lambda: fad.context_parallel_attention(q, k, v, method="sideways"), "method"),
+        (lambda: fad.context_parallel_attention(q, k, v, method="ring",
+                                                cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)), "allgather"),
+        (lambda: fad.context_parallel_attention(q, k, v, method="allgather",
+                                                cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32)), "rise from 0"),
         # rank 0 holds a longer piece than the others: caught before any attention collective
         (lambda: fad.context_parallel_attention(*(torch.randn(1, 2, 4 + (rank == 0), 16) for _ in range(3))),
          "disagree"),
