@@ -11,7 +11,7 @@ Methods:
 - "ring": K/V blocks travel around the ring (asynchronous send/receive overlapped with the
   kernels on the current block); partial results merge exactly through their lse. The backward
   sends K/V with their dK/dV accumulators around the ring once more. Memory per rank O(S / P).
-  Blocks that causal masking leaves empty are skipped. No window (use "allgather" or "ulysses").
+  Pairs of blocks that causal masking or a window leaves empty are skipped.
 - "allgather": K/V are all-gathered (Llama 3's context parallelism) and each rank attends its
   queries to the keys they see; the backward reduce-scatters dK/dV. Windows skip what they hide,
   and packed sequences (cu_seqlens over the whole sequence, spanning ranks) run as varlen.
@@ -206,16 +206,13 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if method == "ulysses" and (q.shape[1] % world or k.shape[1] % world):
         raise ValueError(f"method='ulysses' shards heads over the {world} ranks: q's heads ({q.shape[1]}) and k's "
                          f"heads ({k.shape[1]}) must both divide by {world}; use 'ring' or 'allgather'")
-    if method == "ring" and (left >= 0 or right > 0):
-        raise ValueError("method='ring' takes causal or full attention, not a window: use 'allgather' or "
-                         "'ulysses' for windows")
     options = {"scale": scale, "softcap": softcap}
     if method == "ulysses":
         o, lse = _ulysses(q, k, v, group, layout, causal, window, sinks, options)
     elif method == "allgather":
         o, lse = _allgather(q, k, v, group, layout, left, right, sinks, options, bounds)
     else:
-        o, lse = _RingAttention.apply(q, k, v, sinks, group, layout, right, scale, softcap)
+        o, lse = _RingAttention.apply(q, k, v, sinks, group, layout, (left, right), scale, softcap)
     return (o, lse) if return_lse else o
 
 
@@ -396,7 +393,7 @@ class _RingAttention(torch.autograd.Function):
     exact shares of the whole)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, group, layout, right, scale, softcap):
+    def forward(ctx, q, k, v, sinks, group, layout, band, scale, softcap):
         world, rank = _world(group)
         seq_local = q.shape[2]
         params = AttentionParams(scale=scale, softcap=softcap)
@@ -407,7 +404,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(world):
             incoming = ring.start(kv) if step < world - 1 else None
             for q_offset, k_offset, block in _pairs(mine, chunk_ranges(seq_local, world, (rank - step) % world, layout),
-                                                    right):
+                                                    band):
                 rows = slice(q_offset + block.row_lo, q_offset + block.row_hi)
                 keys = slice(k_offset + block.key_lo, k_offset + block.key_hi)
                 o, lse = _launch.attention_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
@@ -421,13 +418,13 @@ class _RingAttention(torch.autograd.Function):
             o_acc, lse_acc = _merge(o_acc, lse_acc, torch.zeros_like(o_acc), sink_lse)
         o = o_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse_acc, sinks)
-        ctx.setup = (group, layout, right, params)
+        ctx.setup = (group, layout, band, params)
         return o, lse_acc
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, sinks = ctx.saved_tensors
-        group, layout, right, params = ctx.setup
+        group, layout, band, params = ctx.setup
         world, rank = _world(group)
         seq_local = q.shape[2]
         mine = chunk_ranges(seq_local, world, rank, layout)
@@ -439,7 +436,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(world):
             k_block, v_block, dk_block, dv_block = carried
             for q_offset, k_offset, block in _pairs(mine, chunk_ranges(seq_local, world, (rank - step) % world, layout),
-                                                    right):
+                                                    band):
                 rows = slice(q_offset + block.row_lo, q_offset + block.row_hi)
                 keys = slice(k_offset + block.key_lo, k_offset + block.key_hi)
                 dq_part, dk_part, dv_part, _, _ = _launch.attention_backward(
@@ -465,14 +462,15 @@ def _with_window(params: AttentionParams, window: tuple[int, int]) -> AttentionP
     return AttentionParams(scale=params.scale, softcap=params.softcap, window_left=window[0], window_right=window[1])
 
 
-def _pairs(mine: list[tuple[int, int]], theirs: list[tuple[int, int]], right: int):
+def _pairs(mine: list[tuple[int, int]], theirs: list[tuple[int, int]], band: tuple[int, int]):
     """(query offset, key offset, block) of every (my query chunk, their key chunk) pair that
-    sees something, in a fixed order; offsets are positions within the local tensors."""
+    sees something under the band (left, right), in a fixed order; offsets are positions within
+    the local tensors. Pairs that causal masking or a window empties are skipped."""
     q_offset = 0
     for q_start, q_len in mine:
         k_offset = 0
         for k_start, k_len in theirs:
-            block = _visible_block(q_start, q_len, k_start, k_len, -1, right)
+            block = _visible_block(q_start, q_len, k_start, k_len, *band)
             if block is not None:
                 yield q_offset, k_offset, block
             k_offset += k_len

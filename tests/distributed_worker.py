@@ -38,7 +38,7 @@ def grid_cases(world: int) -> list[dict]:
         for layout in fad.LAYOUTS:
             for causal in (False, True):
                 cases.append(dict(method=method, layout=layout, causal=causal, heads=heads))
-    for method in ("allgather", "ulysses"):
+    for method in fad.METHODS:
         cases.append(dict(method=method, layout="zigzag", causal=True, window=(5, 0), heads=heads))
         cases.append(dict(method=method, layout="contiguous", causal=False, window=(3, 4), heads=heads))
     for method in fad.METHODS:
@@ -66,7 +66,9 @@ def check(name: str, got: torch.Tensor, golden: torch.Tensor, plain: torch.Tenso
     assert err <= bound, f"{name}: error {err:.3e} > {factor} x PyTorch's {plain_err:.3e} + floor"
 
 
-def run_case(case: dict, world: int, rank: int) -> None:
+def run_case(case: dict, group: dist.ProcessGroup | None = None) -> None:
+    """One case on `group` (default: the world): the inputs are sharded over its ranks."""
+    world = dist.get_world_size(group)
     dtype = case.get("dtype", torch.float32)
     heads_q, heads_kv = case["heads"]
     seq_local = 7 if case["layout"] == "contiguous" else 6
@@ -76,7 +78,7 @@ def run_case(case: dict, world: int, rank: int) -> None:
     do_full = torch.randn(2, heads_q, seq, 16, generator=gen)
     sinks = torch.randn(heads_q, generator=gen) + 1 if case.get("sinks") else None
     options = dict(causal=case["causal"], window=case.get("window"), softcap=case.get("softcap", 0.0))
-    shard = lambda t: fad.shard_sequence(t, layout=case["layout"])  # noqa: E731
+    shard = lambda t: fad.shard_sequence(t, group=group, layout=case["layout"])  # noqa: E731
 
     cu_seqlens = None
     if case.get("packed"):  # one row of packed sequences
@@ -85,14 +87,18 @@ def run_case(case: dict, world: int, rank: int) -> None:
         cu_seqlens = torch.tensor(packed_bounds(seq), dtype=torch.int32)
     leaves = [shard(t).to(dtype).requires_grad_() for t in full]
     sink_leaf = None if sinks is None else sinks.clone().requires_grad_()
-    o, lse = fad.context_parallel_attention(*leaves, method=case["method"], layout=case["layout"], sinks=sink_leaf,
-                                            cu_seqlens=cu_seqlens, return_lse=True, **options)
+    o, lse = fad.context_parallel_attention(*leaves, group=group, method=case["method"], layout=case["layout"],
+                                            sinks=sink_leaf, cu_seqlens=cu_seqlens, return_lse=True, **options)
+    if case.get("dtype") == torch.bfloat16:  # the same call again gives the same bits
+        again = fad.context_parallel_attention(*leaves, group=group, method=case["method"], layout=case["layout"],
+                                               sinks=sink_leaf, cu_seqlens=cu_seqlens, return_lse=True, **options)
+        assert torch.equal(o, again[0]) and torch.equal(lse, again[1]), "not deterministic"
     (o.float() * shard(do_full)).sum().backward()
     mine = [o, lse] + [t.grad for t in leaves]
     dsinks = None
     if sink_leaf is not None:  # each rank holds its queries' share: the whole is the sum
         dsinks = sink_leaf.grad.clone()
-        dist.all_reduce(dsinks)
+        dist.all_reduce(dsinks, group=group)
 
     results = {}
     for kind, cast in (("golden", torch.float64), ("plain", dtype)):
@@ -120,7 +126,7 @@ def bad_calls(world: int, rank: int) -> None:
     k = v = torch.randn(1, 3, 4, 16)
     expect = [
         (lambda: fad.context_parallel_attention(q, k, v, method="ulysses"), "divide by"),
-        (lambda: fad.context_parallel_attention(q, k, v, method="ring", window=(2, 0), causal=True), "window"),
+        (lambda: fad.context_parallel_attention(q, k, v, method="ring", window=(2, 1), causal=True), "window"),
         (lambda: fad.shard_sequence(torch.randn(1, 1, 2 * world + 1, 4), layout="contiguous"), "equal parts"),
         (lambda: fad.context_parallel_attention(q, k, v, method="sideways"), "method"),
         (lambda: fad.context_parallel_attention(q, k, v, method="ring",
@@ -160,8 +166,14 @@ def main() -> int:
                 cases = [case for case in cases if case["layout"] == "zigzag" and case["causal"]
                          and "window" not in case and not case.get("sinks")]
             for case in cases:
-                run_case(case, args.world, args.rank)
+                run_case(case)
                 print(f"rank {args.rank}: ok {case}", flush=True)
+            if args.suite == "grid" and args.world == 4:
+                # Two groups of two ranks each run their own ring: group ranks are not global ranks.
+                halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+                case = dict(method="ring", layout="zigzag", causal=True, heads=(4, 2), sinks=True)
+                run_case(case, group=halves[args.rank // 2])
+                print(f"rank {args.rank}: ok {case} on a subgroup of 2", flush=True)
     except Exception:  # noqa: BLE001 - report and fail this rank
         traceback.print_exc()
         return 1

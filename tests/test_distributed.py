@@ -59,8 +59,8 @@ def test_every_method_matches_the_whole_sequence_reference(world: int) -> None:
     outputs = _run_ranks(world, "grid")
     from tests.distributed_worker import grid_cases
 
-    for out in outputs:
-        assert out.count(": ok ") == len(grid_cases(world)), out[-2000:]
+    for out in outputs:  # on 4 ranks one more case: a ring on each of two subgroups
+        assert out.count(": ok ") == len(grid_cases(world)) + (world == 4), out[-2000:]
 
 
 @pytest.mark.cpu_only(reason="gloo on CPU through the interpreter")
