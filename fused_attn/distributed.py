@@ -32,7 +32,7 @@ import torch.distributed.nn.functional as dist_fn
 
 from fused_attn import _launch
 from fused_attn._checks import check_attention_inputs, check_flag, check_sinks, check_softcap, check_window
-from fused_attn._launch import AttentionParams
+from fused_attn._launch import AttentionParams, check_device
 from fused_attn.api import attention, attention_varlen
 
 METHODS = ("ring", "allgather", "ulysses")
@@ -196,6 +196,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     left, right = check_window(window, causal)
     softcap = check_softcap(softcap, scale)
     sinks = check_sinks(sinks, q.shape[1], q.device)
+    check_device(q, max(q.shape[3], v.shape[3]))
     bounds = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, q, world, method)
     packing = [0, 0] if bounds is None else [len(bounds), sum((i + 1) * b for i, b in enumerate(bounds)) % 2**61]
     _check_same_everywhere(group, [*q.shape, *k.shape, *v.shape, METHODS.index(method), LAYOUTS.index(layout),
