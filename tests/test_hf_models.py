@@ -243,11 +243,11 @@ def _main_output(output) -> torch.Tensor:
 
 
 class KernelCalls:
-    """Counts the kernel calls (padded and packed) the integration makes."""
+    """Counts the kernel calls (padded, packed and KV-cache) the integration makes."""
 
     def __init__(self, monkeypatch) -> None:
         self.count = 0
-        for name in ("attention", "attention_varlen"):
+        for name in ("attention", "attention_varlen", "attention_with_kvcache"):
             original = getattr(fused_attn.hf, name)
 
             def counted(*args, _original=original, **kwargs):
