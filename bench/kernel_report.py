@@ -286,7 +286,8 @@ class Report:
 
 def fingerprint(kernel_module: str = DEFAULT_KERNEL_MODULE) -> str:
     """Hash of what the compiled kernels depend on: the kernel source (every module of the
-    kernel's package but configs.py, whose logic the tests check against the report row by row),
+    kernel's package but configs.py, whose logic the tests check against the report row by row,
+    and __init__.py, which only holds an import shim),
     the config table (read as files, so it works under the interpreter too) and where TMA is used."""
     import hashlib
     import importlib.util
@@ -295,7 +296,7 @@ def fingerprint(kernel_module: str = DEFAULT_KERNEL_MODULE) -> str:
     spec = importlib.util.find_spec(kernel_module)
     assert spec is not None and spec.origin is not None, kernel_module
     for path in sorted(Path(spec.origin).parent.glob("*.py")):
-        if path.name != "configs.py":
+        if path.name not in ("configs.py", "__init__.py"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
