@@ -829,8 +829,16 @@ def test_models_that_compute_attention_themselves_refuse_fused_attn(family: str,
     attention interface; these models would then only get fused_attn's mask, which they misread
     (Bloom, MPT add a bool mask as a float one) or cannot look up (Falcon). register() makes
     _from_config and from_pretrained raise; set_attn_implementation keeps the model's own attention
-    (transformers already refuses to switch these) and its logits."""
+    (transformers already refuses to switch these) and its logits. A model that a later transformers
+    ports to the attention interface (Falcon in 5.25) must instead run on the kernels."""
     model_class, config = _own_attention_model(family)
+    if not fused_attn.hf._computes_attention_itself(model_class.__module__):
+        # transformers 5.25 ported Falcon to the attention interface: it then runs on the kernels.
+        fused, eager, _ = _twins(model_class, config, device)
+        ids = torch.randint(3, 97, (2, 9), device=device)
+        torch.testing.assert_close(fused(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-4)
+        assert kernel_calls
+        return
     with pytest.raises(ValueError, match=f"{model_class.__name__} does not support attn_implementation=\"fused_attn\""):
         model_class._from_config(copy.deepcopy(config), attn_implementation="fused_attn")
     torch.manual_seed(0)

@@ -29,6 +29,8 @@ def test_without_an_installed_kernels_package_the_folder_reads_as_not_installed(
     """transformers' check: no version and no installed distribution means not available."""
     script = ("import sys; sys.path.insert(0, '')\n"
               "import kernels; print(getattr(kernels, '__version__', 'N/A'), hasattr(kernels, 'CUDAProperties'))\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # -S: without site-packages, where transformers >= 5.25 installs Hugging Face's kernels
+    result = subprocess.run([sys.executable, "-S", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "N/A False"
