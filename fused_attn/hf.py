@@ -10,8 +10,8 @@ causal or full pattern needs none, else a bool mask that the kernels read tile b
 for sequences packed by position_ids, whose O(S) sequence ids it records instead of building an
 S x S mask, see `fused_attn._hf_packing`). It also
 makes transformers refuse "fused_attn" for a model whose attention does not call the attention
-interface (Bloom, MPT, Falcon, DeBERTa-v2...): such a model would only get a mask it does not
-understand.
+interface (Bloom, MPT, DeBERTa-v2..., and Falcon before transformers 5.25): such a model would
+only get a mask it does not understand.
 
 The promise: a call either runs on the kernels and computes what the model's eager attention
 computes, or runs the model's own eager attention function after a one-time warning naming the
@@ -506,7 +506,7 @@ def _computes_attention_itself(module_name: str) -> bool:
 
 def check_model_class(model_class: type) -> None:
     """Raise ValueError when "fused_attn" cannot reach the model's attention: its attention layers
-    compute attention in their own code (Bloom, MPT, Falcon, DeBERTa-v2...), so the name would
+    compute attention in their own code (Bloom, MPT, DeBERTa-v2...), so the name would
     only change the mask the model builds, and with it the model's results."""
     from transformers import PreTrainedModel
 
