@@ -678,12 +678,12 @@ class KVCache:
 
     Dense: k (rows, Hkv, capacity, D), v (rows, Hkv, capacity, Dv), and batch_idx, int32 (B,),
     the row of each sequence (None: row b). Paged: k (pages, page_size, Hkv, D), v likewise with Dv,
-    and block_table, int32 (B, pages per sequence). Sequence b has seqlens[b] (int32 (B,)) + num_new
-    keys: num_new were just written in after the seqlens[b] already there."""
+    and block_table, int32 (B, pages per sequence). Sequence b has seqlens[b] (int32 (B,), or one
+    int for all) + num_new keys: num_new were just written in after the seqlens[b] already there."""
 
     k: torch.Tensor
     v: torch.Tensor
-    seqlens: torch.Tensor
+    seqlens: torch.Tensor | int
     num_new: int = 0
     block_table: torch.Tensor | None = None
     batch_idx: torch.Tensor | None = None
@@ -702,7 +702,9 @@ class KVCache:
     def kernel_arguments(self) -> dict[str, object]:
         """The kernel's cache arguments by name: rows (or pages), heads and positions (or slots)."""
         head_axis, position_axis = (2, 1) if self.paged else (1, 2)
-        arguments: dict[str, object] = {"K_CACHE": self.k, "V_CACHE": self.v, "CACHE_SEQLENS": self.seqlens,
+        arguments: dict[str, object] = {"K_CACHE": self.k, "V_CACHE": self.v, "CACHE_SEQLENS": self.seqlens if isinstance(self.seqlens, torch.Tensor) else None,
+                                        "PER_SEQUENCE_LENGTHS": isinstance(self.seqlens, torch.Tensor),
+                                        "cache_len": 0 if isinstance(self.seqlens, torch.Tensor) else self.seqlens,
                                         "num_new": self.num_new,
                                         "BLOCK_TABLE": self.block_table, "CACHE_BATCH_IDX": self.batch_idx,
                                         "IS_PAGED": self.paged, "HAS_BATCH_IDX": self.batch_idx is not None,

@@ -160,7 +160,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                layout: str = "contiguous", causal: bool = False, scale: float | None = None,
                                window: tuple[int, int] | None = None, softcap: float = 0.0,
                                sinks: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                               return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                               return_lse: bool = False, check_ranks: bool = True
+                               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over a sequence sharded across `group` (see the module docstring).
 
     Args:
@@ -176,6 +177,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             its own sequence's keys, wherever they are sharded; causal and windows align per
             sequence. The same on every rank.
         return_lse: also return this rank's lse (B, Hq, S_local) float32.
+        check_ranks: first compare the call across ranks (one small all-gather, and a wait for its
+            result on the host), so that ranks that disagree raise instead of hanging. Pass False
+            in a loop whose calls are known to agree (after its first step) to save that wait.
 
     Returns:
         This rank's piece of the output, (B, Hq, S_local, Dv) (`gather_sequence` gives the whole),
@@ -199,9 +203,11 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     check_device(q, max(q.shape[3], v.shape[3]))
     bounds = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, q, world, method)
     packing = [0, 0] if bounds is None else [len(bounds), sum((i + 1) * b for i, b in enumerate(bounds)) % 2**61]
-    _check_same_everywhere(group, [*q.shape, *k.shape, *v.shape, METHODS.index(method), LAYOUTS.index(layout),
-                                   int(causal), left, right, *packing],
-                           "the shapes of q, k, v, the method, layout, mask and cu_seqlens")
+    check_flag("check_ranks", check_ranks)
+    if check_ranks:
+        _check_same_everywhere(group, [*q.shape, *k.shape, *v.shape, METHODS.index(method), LAYOUTS.index(layout),
+                                       int(causal), left, right, *packing],
+                               "the shapes of q, k, v, the method, layout, mask and cu_seqlens")
     if layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"layout='zigzag' pieces hold two equal chunks: the local length ({q.shape[2]}) must be even")
     if method == "ulysses" and (q.shape[1] % world or k.shape[1] % world):

@@ -152,11 +152,14 @@ def _check_new_keys(k: torch.Tensor | None, v: torch.Tensor | None, batch: int, 
     return k.shape[2]
 
 
-def _check_index(name: str, t: object, shape: tuple[int | None, ...], q: torch.Tensor) -> torch.Tensor:
+def _check_index(name: str, t: object, shape: tuple[int | None, ...], q: torch.Tensor) -> torch.Tensor | int:
     """An int32 index tensor of `shape` (None: any size) on q's device, contiguous (the kernel reads
-    it through a raw pointer). cache_seqlens may also be one int for every sequence."""
+    it through a raw pointer). cache_seqlens may also be one int for every sequence, which the
+    kernel takes by value (no tensor per call, as in a decoding loop)."""
     if name == "cache_seqlens" and isinstance(t, int) and not isinstance(t, bool):
-        return torch.full(shape, t, dtype=torch.int32, device=q.device)  # type: ignore[arg-type]
+        if not 0 <= t < 2**31:
+            raise ValueError(f"cache_seqlens must be >= 0 (and fit int32), got {t}")
+        return t
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.int32:
@@ -179,7 +182,8 @@ def _check_scale(scale: float | None, head_dim: int) -> float:
 
 def _check_cache_values(cache: KVCache) -> None:
     """The checks that read the index tensors' values (a device sync on a GPU)."""
-    seqlens = cache.seqlens.cpu()
+    # One length for all broadcasts like a (1,) tensor below.
+    seqlens = cache.seqlens.cpu() if isinstance(cache.seqlens, torch.Tensor) else torch.tensor([cache.seqlens])
     if seqlens.numel() and int(seqlens.min()) < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {seqlens.tolist()}")
     if seqlens.numel() and int(seqlens.max()) + cache.num_new > cache.capacity:
@@ -205,7 +209,8 @@ def _check_cache_values(cache: KVCache) -> None:
 def _append(cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
     """Write k and v (B, Hkv, S_new, D / Dv) into the cache at each sequence's next positions."""
     batch, _, num_new, _ = k.shape
-    positions = cache.seqlens.long()[:, None] + torch.arange(num_new, device=k.device)  # (B, S_new)
+    first = cache.seqlens.long()[:, None] if isinstance(cache.seqlens, torch.Tensor) else cache.seqlens
+    positions = (first + torch.arange(num_new, device=k.device)).expand(batch, num_new)  # (B, S_new)
     new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S_new, Hkv, D): the indexed shape below
     if cache.block_table is not None:
         page_size = cache.k.shape[1]

@@ -44,6 +44,7 @@ They hold Triton code only.
 OPTIONAL_POINTERS = {"BIAS": "BIAS_KIND", "DBIAS": "STORE_DBIAS", "ALIBI": "HAS_ALIBI",
                      "CU_SEQLENS_Q": "IS_VARLEN", "CU_SEQLENS_K": "IS_VARLEN", "SINKS": "HAS_SINKS",
                      "DLSE": "HAS_DLSE", "BLOCK_TABLE": "IS_PAGED", "CACHE_BATCH_IDX": "HAS_BATCH_IDX",
+                     "CACHE_SEQLENS": "PER_SEQUENCE_LENGTHS",
                      "O_PART": "SPLIT", "LSE_PART": "SPLIT"}
 
 from fused_attn.kernels.backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess

@@ -8,7 +8,8 @@ reads each k/v head's cache once for its whole group, not GROUP times. The cache
 (cache rows, HKV, capacity, D) with CACHE_BATCH_IDX choosing a sequence's row, or paged with
 IS_PAGED, (pages, page size, HKV, D) with BLOCK_TABLE[b, j // page_size] holding key j's page;
 any page size works, since every key's address is formed on its own. Sequence b has
-CACHE_SEQLENS[b] + num_new keys (the new ones were written into the cache before the launch);
+CACHE_SEQLENS[b] + num_new keys (or cache_len + num_new for all, without PER_SEQUENCE_LENGTHS; the
+new ones were written into the cache before the launch);
 keys past that are never read.
 
 With SPLIT, program `split` takes the split-th of NUM_SPLITS equal BLOCK_N-aligned parts of its
@@ -30,14 +31,14 @@ def _attn_decode(
     stride_v_row, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_block_table_b, stride_alibi_b, stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-    num_heads_q, num_heads_kv, group_size, seq_q, num_new, num_splits,
+    num_heads_q, num_heads_kv, group_size, seq_q, num_new, cache_len, num_splits,
     head_dim, head_dim_v, qk_scale_log2, window_left, window_right, softcap_in, softcap_out_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     LIMIT_LEFT: tl.constexpr = False, LIMIT_RIGHT: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
     HAS_SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False, IS_PAGED: tl.constexpr = False,
     HAS_BATCH_IDX: tl.constexpr = False, SPLIT: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 1,
-    BIAS_KIND: tl.constexpr = 0,
+    BIAS_KIND: tl.constexpr = 0, PER_SEQUENCE_LENGTHS: tl.constexpr = True,
 ):
     """stride_k_row / stride_v_row step a dense cache's rows or a paged cache's pages, stride_kn /
     stride_vn its positions or slots. LSE (B, HQ, SEQ_Q) float32 is written without SPLIT; O_PART
@@ -52,7 +53,10 @@ def _attn_decode(
     batch_head_kv = rest // num_m_tiles
     batch = batch_head_kv // num_heads_kv
     head_kv = batch_head_kv % num_heads_kv
-    seq_k = tl.load(CACHE_SEQLENS + batch) + num_new
+    if PER_SEQUENCE_LENGTHS:
+        seq_k = tl.load(CACHE_SEQLENS + batch) + num_new
+    else:  # one length for every sequence, passed by value (no tensor per call)
+        seq_k = cache_len + num_new
 
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < group_size * seq_q

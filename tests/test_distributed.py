@@ -115,7 +115,7 @@ def test_the_training_example_matches_one_process() -> None:
     every parameter gradient equal the single-process run's."""
     port = _free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               "examples/context_parallel_train.py", "--method", "ulysses", "--steps", "1", "--seq", "24"]
+               "examples/context_parallel_train.py", "--method", "ulysses", "--steps", "2", "--seq", "24"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

@@ -296,3 +296,20 @@ def test_kvcache_at_serving_sizes_on_the_gpu(page_size: int) -> None:
                      capacity=4096, causal=True, new=1, num_splits=None)
     check_against_reference(case, torch.bfloat16, GPU)
     check_against_reference(replace(case, new=0, num_splits=8), torch.bfloat16, GPU)
+
+
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_one_int_length_for_every_sequence_equals_the_tensor(page_size: int, device: str) -> None:
+    """cache_seqlens as one int (passed to the kernel by value, as Hugging Face's decoding steps
+    do) gives the bits of the same lengths as a tensor, appends included; bad ints are refused."""
+    case = CacheCase("int-length", (21, 21, 21), new=2, page_size=page_size, num_splits=2, causal=True)
+    as_tensor = make_cache_inputs(case, torch.float16, device)
+    as_int = make_cache_inputs(case, torch.float16, device)
+    expected = run_kvcache(as_tensor)
+    got = run_kvcache(as_int, cache_seqlens=21)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert torch.equal(as_int.k_cache.nan_to_num(7.0), as_tensor.k_cache.nan_to_num(7.0))
+    with pytest.raises(ValueError, match="capacity"):
+        run_kvcache(as_int, cache_seqlens=as_int.k_cache.shape[2] if not page_size else 200)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        run_kvcache(as_int, cache_seqlens=-1)
