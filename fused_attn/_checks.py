@@ -80,6 +80,12 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
             if t.stride(-1) != 1 and t.shape[-1] > 1:
                 raise ValueError(f"{name} must have a unit stride in its last dimension (head_dim), got "
                                  f"strides {t.stride()}; call .contiguous() first")
+    return check_scale(scale, head_dim)
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale to use: 1 / sqrt(head_dim) when None, else a finite float whose base-2
+    form fits float32."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):

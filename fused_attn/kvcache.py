@@ -7,7 +7,7 @@ import torch
 
 from fused_attn import _launch
 from fused_attn._checks import (MAX_HEAD_DIM, SUPPORTED_DTYPES, check_alibi_slopes, check_attn_mask, check_flag,
-                                check_sinks, check_softcap, check_window)
+                                check_scale, check_sinks, check_softcap, check_window)
 from fused_attn._launch import MAX_DECODE_SPLITS, AttentionParams, KVCache, check_device
 
 
@@ -99,7 +99,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if check_values or (check_values is None and not q.is_cuda):
         _check_cache_values(cache)
 
-    scale = _check_scale(scale, head_dim)
+    scale = check_scale(scale, head_dim)
     bias = check_attn_mask(attn_mask, q, seq_k=cache.capacity)
     window_left, window_right = check_window(window, causal)
     slopes = check_alibi_slopes(alibi_slopes, batch, heads_q, q.device)
@@ -170,14 +170,6 @@ def _check_index(name: str, t: object, shape: tuple[int | None, ...], q: torch.T
     if t.device != q.device:
         raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     return t.contiguous()
-
-
-def _check_scale(scale: float | None, head_dim: int) -> float:
-    if scale is None:
-        return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
 
 
 def _check_cache_values(cache: KVCache) -> None:

@@ -260,6 +260,8 @@ def _bad_calls(inputs: CacheInputs) -> list[tuple[dict, type, str]]:
         ({"q": inputs.q[0]}, ValueError, "q must have 4 dimensions"),
         ({"q": inputs.q.repeat(1, 1, 1, 2)}, ValueError, "head dim"),
         ({"window": (1, 2, 3)}, TypeError, "window"),
+        ({"scale": float("inf")}, ValueError, "scale"),
+        ({"scale": "big"}, TypeError, "scale"),
         ({"attn_mask": torch.ones(2, 1, 1, 15, dtype=torch.bool)}, ValueError, "attn_mask"),  # capacity is 16
         ({"attn_mask": torch.ones(2, 1, 1, 16, dtype=torch.int32)}, TypeError, "attn_mask"),
     ]
